@@ -1,0 +1,229 @@
+"""Block-causal attention shared by the trainer, the trajectory scorer and the sampler.
+
+Visibility is never stored as an L×L mask. Every token carries three small integers
+(``TokenLayout``): the sample it belongs to (``segment``, 0 = padding), its absolute block
+index (``block``) and which copy of that block it is (``copy``: 0 = the clean sequence,
+k > 0 = the k-th noisy copy, unique within a segment). A query sees a key iff both belong to
+the same non-padding segment and either
+
+* the key is clean and lies in an earlier block, or
+* the key lies in the query's own block and own copy.
+
+For clean tokens this is SPEC §1's rule ``k // B <= q // B`` (bidirectional inside a block,
+causal across blocks); a noisy copy of block j sees the clean blocks < j and itself, and no
+clean token ever sees a noisy copy (SPEC §3), so packed samples, noisy copies and a KV cache
+of finished blocks all follow from the same three ids.
+
+The kernel is a tiled online-softmax (flash) attention written in JAX with a custom VJP that
+recomputes scores tile by tile in the backward pass: memory is O(L·heads·head_dim) plus one
+tile of scores, and tiles that no query can see are skipped.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class TokenLayout(NamedTuple):
+    """Per-token ids, each int32 [batch, length]."""
+
+    segment: jax.Array
+    block: jax.Array
+    copy: jax.Array
+
+    @staticmethod
+    def contiguous(positions: jax.Array, block_size: int, segment: jax.Array | None = None) -> "TokenLayout":
+        """Clean sequences whose block index is ``position // block_size``."""
+        positions = jnp.asarray(positions, jnp.int32)
+        if segment is None:
+            segment = jnp.ones_like(positions)
+        return TokenLayout(jnp.asarray(segment, jnp.int32), positions // block_size, jnp.zeros_like(positions))
+
+    def pad(self, length: int) -> "TokenLayout":
+        extra = length - self.segment.shape[1]
+        if extra == 0:
+            return self
+        return TokenLayout(*(jnp.pad(a, ((0, 0), (0, extra))) for a in self))
+
+    def tiles(self, tile: int) -> "TokenLayout":
+        """[batch, n*tile] -> [n, batch, tile]."""
+        b, length = self.segment.shape
+        return TokenLayout(*(a.reshape(b, length // tile, tile).transpose(1, 0, 2) for a in self))
+
+
+def visibility(q: TokenLayout, kv: TokenLayout) -> jax.Array:
+    """bool [batch, Lq, Lk]: may query i attend to key j. Only ever called on tiles."""
+    qs, qb, qc = (a[:, :, None] for a in q)
+    ks, kb, kc = (a[:, None, :] for a in kv)
+    earlier_clean = (kc == 0) & (kb < qb)
+    same_copy = (kc == qc) & (kb == qb)
+    return (qs == ks) & (ks > 0) & (earlier_clean | same_copy)
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _scores(q, k, q_ids, k_ids, scale):
+    # q [b, tq, hkv, g, d], k [b, tk, hkv, d] -> s [b, hkv, g, tq, tk] in float32
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32) * scale
+    mask = visibility(q_ids, k_ids)[:, None, None]
+    return s, mask
+
+
+def _forward_tiles(q, k, v, q_ids, k_ids, scale, q_tile, kv_tile):
+    """q [nq, b, tq, hkv, g, d]; k, v [nk, b, tk, hkv, d]; ids tiled likewise.
+
+    Returns out [nq, b, tq, hkv, g, d] (q.dtype) and lse [nq, b, hkv, g, tq] (float32,
+    +inf for queries that see nothing, so that their probabilities are 0 in the backward).
+    """
+    _, b, tq, hkv, g, d = q.shape
+
+    def one_q_tile(args):
+        qt, qi = args
+
+        def kv_step(carry, kv):
+            m, l, acc = carry
+            kt, vt, ki = kv
+
+            def update(carry):
+                m, l, acc = carry
+                s, mask = _scores(qt, kt, qi, ki, scale)
+                s = jnp.where(mask, s, -jnp.inf)
+                m_new = jnp.maximum(m, s.max(-1))
+                m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
+                p = jnp.exp(s - m_safe[..., None])
+                alpha = jnp.exp(m - m_safe)
+                l = l * alpha + p.sum(-1)
+                pv = jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(vt.dtype), vt, preferred_element_type=jnp.float32)
+                acc = acc * alpha[..., None] + pv
+                return m_new, l, acc
+
+            any_visible = jnp.any(visibility(qi, ki))
+            return jax.lax.cond(any_visible, update, lambda c: c, carry), None
+
+        init = (
+            jnp.full((b, hkv, g, tq), -jnp.inf, jnp.float32),
+            jnp.zeros((b, hkv, g, tq), jnp.float32),
+            jnp.zeros((b, hkv, g, tq, d), jnp.float32),
+        )
+        (m, l, acc), _ = jax.lax.scan(kv_step, init, (k, v, k_ids))
+        seen = l > 0
+        out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
+        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
+        return out.transpose(0, 3, 1, 2, 4).astype(q.dtype), lse
+
+    return jax.lax.map(one_q_tile, (q, q_ids))
+
+
+def _backward_tiles(q, k, v, q_ids, k_ids, out, lse, dout, scale):
+    """FlashAttention-2 style backward: one pass for dK/dV (outer loop over key tiles),
+    one for dQ (outer loop over query tiles); scores are recomputed, never stored."""
+    # delta_i = sum_d dO_i * O_i, [nq, b, hkv, g, tq]
+    delta = jnp.einsum("nbqhgd,nbqhgd->nbhgq", dout.astype(jnp.float32), out.astype(jnp.float32))
+
+    def probs(qt, kt, qi, ki, lse_t):
+        s, mask = _scores(qt, kt, qi, ki, scale)
+        return jnp.where(mask, jnp.exp(s - lse_t[..., None]), 0.0)
+
+    def dkv_for_key_tile(args):
+        kt, vt, ki = args
+
+        def q_step(carry, xs):
+            dk, dv = carry
+            qt, qi, dot, lse_t, delta_t = xs
+
+            def update(carry):
+                dk, dv = carry
+                p = probs(qt, kt, qi, ki, lse_t)
+                dv = dv + jnp.einsum("bhgqk,bqhgd->bkhd", p, dot.astype(jnp.float32))
+                dp = jnp.einsum("bqhgd,bkhd->bhgqk", dot, vt, preferred_element_type=jnp.float32)
+                ds = p * (dp - delta_t[..., None])
+                dk = dk + jnp.einsum("bhgqk,bqhgd->bkhd", ds, qt.astype(jnp.float32)) * scale
+                return dk, dv
+
+            return jax.lax.cond(jnp.any(visibility(qi, ki)), update, lambda c: c, carry), None
+
+        zeros = jnp.zeros(kt.shape, jnp.float32)
+        (dk, dv), _ = jax.lax.scan(q_step, (zeros, zeros), (q, q_ids, dout, lse, delta))
+        return dk.astype(k.dtype), dv.astype(v.dtype)
+
+    def dq_for_query_tile(args):
+        qt, qi, dot, lse_t, delta_t = args
+
+        def k_step(dq, xs):
+            kt, vt, ki = xs
+
+            def update(dq):
+                p = probs(qt, kt, qi, ki, lse_t)
+                dp = jnp.einsum("bqhgd,bkhd->bhgqk", dot, vt, preferred_element_type=jnp.float32)
+                ds = p * (dp - delta_t[..., None])
+                return dq + jnp.einsum("bhgqk,bkhd->bqhgd", ds, kt.astype(jnp.float32)) * scale
+
+            return jax.lax.cond(jnp.any(visibility(qi, ki)), update, lambda c: c, dq), None
+
+        dq, _ = jax.lax.scan(k_step, jnp.zeros(qt.shape, jnp.float32), (k, v, k_ids))
+        return dq.astype(q.dtype)
+
+    dk, dv = jax.lax.map(dkv_for_key_tile, (k, v, k_ids))
+    dq = jax.lax.map(dq_for_query_tile, (q, q_ids, dout, lse, delta))
+    return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _flash(q, k, v, q_ids, k_ids, scale, q_tile, kv_tile):
+    out, _ = _forward_tiles(q, k, v, q_ids, k_ids, scale, q_tile, kv_tile)
+    return out
+
+
+def _flash_fwd(q, k, v, q_ids, k_ids, scale, q_tile, kv_tile):
+    out, lse = _forward_tiles(q, k, v, q_ids, k_ids, scale, q_tile, kv_tile)
+    return out, (q, k, v, q_ids, k_ids, out, lse)
+
+
+def _flash_bwd(scale, q_tile, kv_tile, res, dout):
+    q, k, v, q_ids, k_ids, out, lse = res
+    dq, dk, dv = _backward_tiles(q, k, v, q_ids, k_ids, out, lse, dout, scale)
+    return dq, dk, dv, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def block_causal_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_layout: TokenLayout,
+    kv_layout: TokenLayout,
+    *,
+    q_tile: int = 256,
+    kv_tile: int = 256,
+) -> jax.Array:
+    """Attention of q [batch, Lq, Hq, D] over k, v [batch, Lk, Hkv, D] (Hq a multiple of Hkv).
+
+    Queries that see no key (padding) return zeros. Scores and softmax run in float32.
+    """
+    b, lq, hq, d = q.shape
+    lk, hkv = k.shape[1], k.shape[2]
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    g = hq // hkv
+    q_tile = min(q_tile, _round_up(lq, 8))
+    kv_tile = min(kv_tile, _round_up(lk, 8))
+    lq_pad, lk_pad = _round_up(lq, q_tile), _round_up(lk, kv_tile)
+
+    def tile(x, length, t):
+        x = jnp.pad(x, [(0, 0), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+        return x.reshape(b, length // t, t, *x.shape[2:]).swapaxes(0, 1)
+
+    qt = tile(q.reshape(b, lq, hkv, g, d), lq_pad, q_tile)
+    kt, vt = tile(k, lk_pad, kv_tile), tile(v, lk_pad, kv_tile)
+    q_ids = q_layout.pad(lq_pad).tiles(q_tile)
+    k_ids = kv_layout.pad(lk_pad).tiles(kv_tile)
+    out = _flash(qt, kt, vt, q_ids, k_ids, d**-0.5, q_tile, kv_tile)
+    return out.swapaxes(0, 1).reshape(b, lq_pad, hq, d)[:, :lq]

@@ -1,0 +1,192 @@
+"""Architecture of an SDAR / Qwen3 decoder, read from (and written back to) an HF config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = ("sdar", "qwen3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+DTYPES = ("float32", "bfloat16")
+
+_REQUIRED_HF_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+)
+
+
+class ModelConfigError(ValueError):
+    """A model configuration that cannot describe a supported SDAR/Qwen3 model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    # Block diffusion: SDAR checkpoints do not always record it; None = not recorded.
+    block_size: int | None = None
+    # Runtime choices, not part of the checkpoint.
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    remat: str = "none"
+    attn_q_tile: int = 256
+    attn_kv_tile: int = 256
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ModelConfigError(
+                f"num_attention_heads ({self.num_heads}) must be a multiple of num_key_value_heads ({self.num_kv_heads})"
+            )
+        if self.param_dtype not in DTYPES or self.dtype not in DTYPES:
+            raise ModelConfigError(f"param_dtype/dtype must be one of {DTYPES}, got {self.param_dtype}/{self.dtype}")
+        if self.remat not in REMAT_POLICIES:
+            raise ModelConfigError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        rope_type = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type", "default"))
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ModelConfigError(
+                f"rope_scaling type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}"
+            )
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ---- presets -------------------------------------------------------------------------
+    @classmethod
+    def tiny(cls, vocab_size: int = 512, **overrides) -> "ModelConfig":
+        """A 2-layer model for tests and the CPU demo."""
+        base = dict(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=16,
+            rope_theta=10000.0,
+            max_position_embeddings=4096,
+            tie_word_embeddings=True,
+            block_size=4,
+        )
+        base.update(overrides)
+        return cls(**base)
+
+    @classmethod
+    def sdar_8b(cls, **overrides) -> "ModelConfig":
+        """JetLM/SDAR-8B-Chat (Qwen3-8B shape)."""
+        base = dict(
+            vocab_size=151936,
+            hidden_size=4096,
+            intermediate_size=12288,
+            num_layers=36,
+            num_heads=32,
+            num_kv_heads=8,
+            head_dim=128,
+            rope_theta=1_000_000.0,
+            max_position_embeddings=32768,
+            tie_word_embeddings=False,
+            block_size=4,
+        )
+        base.update(overrides)
+        return cls(**base)
+
+    # ---- HF config.json ------------------------------------------------------------------
+    @classmethod
+    def from_hf_dict(cls, hf: dict[str, Any], **runtime) -> "ModelConfig":
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ModelConfigError(
+                f"unsupported model_type {model_type!r} in config.json; gtpo_jax supports {SUPPORTED_MODEL_TYPES} "
+                "(SDAR block-diffusion checkpoints and plain Qwen3 decoders)"
+            )
+        missing = [f for f in _REQUIRED_HF_FIELDS if f not in hf]
+        if missing:
+            raise ModelConfigError(f"config.json is missing required field(s) {missing}")
+        if hf.get("attention_bias"):
+            raise ModelConfigError("attention_bias=true is not supported (SDAR/Qwen3 projections have no bias)")
+        if hf.get("use_sliding_window"):
+            raise ModelConfigError("use_sliding_window=true is not supported for block-diffusion models")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ModelConfigError(f"hidden_act {hf['hidden_act']!r} is not supported (SwiGLU uses silu)")
+        heads = hf["num_attention_heads"]
+        rope_theta, rope_scaling = hf.get("rope_theta", 10000.0), hf.get("rope_scaling")
+        if isinstance(hf.get("rope_parameters"), dict):  # transformers >= 5 writes this form
+            rope_params = dict(hf["rope_parameters"])
+            rope_theta = rope_params.pop("rope_theta", rope_theta)
+            if rope_params.get("rope_type", "default") != "default":
+                rope_scaling = rope_params
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=hf.get("max_position_embeddings", 32768),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            block_size=hf.get("block_size"),
+            **runtime,
+        )
+
+    @classmethod
+    def from_hf_dir(cls, path: str | os.PathLike, **runtime) -> "ModelConfig":
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise ModelConfigError(f"{path} has no config.json; is it an HF model directory?")
+        with open(cfg_path) as f:
+            return cls.from_hf_dict(json.load(f), **runtime)
+
+    def to_hf_dict(self, base: dict[str, Any] | None = None) -> dict[str, Any]:
+        """HF fields for this architecture; fields of `base` (the source config) are kept."""
+        out = dict(base or {})
+        out.setdefault("model_type", "sdar")
+        out.setdefault("architectures", ["SDARForCausalLM" if out["model_type"] == "sdar" else "Qwen3ForCausalLM"])
+        out.update(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            rms_norm_eps=self.rms_norm_eps,
+            max_position_embeddings=self.max_position_embeddings,
+            tie_word_embeddings=self.tie_word_embeddings,
+        )
+        if isinstance(out.get("rope_parameters"), dict):
+            out["rope_parameters"] = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
+        else:
+            out.update(rope_theta=self.rope_theta, rope_scaling=self.rope_scaling)
+        out.setdefault("hidden_act", "silu")
+        out.setdefault("attention_bias", False)
+        out.setdefault("use_sliding_window", False)
+        out.setdefault("torch_dtype", self.param_dtype)
+        if self.block_size is not None:
+            out["block_size"] = self.block_size
+        return out
+
+    def check_block_size(self, block_size: int, source: str = "the checkpoint") -> None:
+        if self.block_size is not None and self.block_size != block_size:
+            raise ModelConfigError(
+                f"block_size {block_size} disagrees with {source}'s block_size {self.block_size}; "
+                f"set block_size={self.block_size} (the model was trained with it) or remove it from config.json"
+            )

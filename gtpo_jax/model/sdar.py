@@ -1,0 +1,234 @@
+"""SDAR / Qwen3 decoder in Flax NNX (SPEC §1).
+
+Parameters carry ``logical_axes`` metadata; `gtpo_jax.sharding` maps them onto the mesh.
+The model returns final-norm hidden states; `SDARModel.logits` projects to the vocabulary so
+that trainers can project only the positions they score.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gtpo_jax.model.attention import TokenLayout, block_causal_attention
+from gtpo_jax.model.config import ModelConfig
+
+
+class LayerKV(NamedTuple):
+    """Keys/values of one layer, [batch, length, kv_heads, head_dim]."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+class KVContext(NamedTuple):
+    """Earlier tokens to attend to (a sampler's cache of finished blocks)."""
+
+    layers: tuple[LayerKV, ...]
+    layout: TokenLayout
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, init=None):
+    init = init or nnx.initializers.normal(0.02)
+    return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=axes)
+
+
+def _ones(shape, axes, dtype):
+    return nnx.Param(jnp.ones(shape, dtype), logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, axis_name: str, param_dtype):
+        self.weight = _ones((dim,), (axis_name,), param_dtype)
+        self.eps = eps
+
+    def __call__(self, x):
+        dtype = x.dtype
+        x = x.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(dtype) * x.astype(dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> tuple[np.ndarray, float]:
+    """Inverse frequencies and attention factor (HF's rope initialisation, incl. rope_scaling)."""
+    dim, base = cfg.head_dim, cfg.rope_theta
+    inv_freq = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    scaling = dict(cfg.rope_scaling or {})
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    attention_factor = 1.0
+    if rope_type == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif rope_type == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+        inv_freq = np.where(medium, smoothed, scaled)
+    elif rope_type == "yarn":
+        factor = scaling["factor"]
+        old_ctx = scaling.get("original_max_position_embeddings", cfg.max_position_embeddings)
+        beta_fast, beta_slow = scaling.get("beta_fast", 32), scaling.get("beta_slow", 1)
+
+        def mscale(scale, m=1.0):
+            return 0.1 * m * math.log(scale) + 1.0 if scale > 1 else 1.0
+
+        if scaling.get("attention_factor") is not None:
+            attention_factor = scaling["attention_factor"]
+        elif scaling.get("mscale") and scaling.get("mscale_all_dim"):
+            attention_factor = mscale(factor, scaling["mscale"]) / mscale(factor, scaling["mscale_all_dim"])
+        else:
+            attention_factor = mscale(factor)
+
+        def correction_dim(rotations):
+            return dim * math.log(old_ctx / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        lo = max(math.floor(correction_dim(beta_fast)), 0)
+        hi = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+        if lo == hi:
+            hi += 0.001
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - lo) / (hi - lo), 0, 1)
+        extrapolation = 1 - ramp
+        inv_freq = (inv_freq / factor) * (1 - extrapolation) + inv_freq * extrapolation
+    return inv_freq.astype(np.float32), float(attention_factor)
+
+
+def apply_rope(x, positions, inv_freq, attention_factor):
+    """x [b, l, h, d]; rotate-half convention of HF Qwen3."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, l, d/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    cos = (jnp.cos(emb) * attention_factor)[:, :, None, :]
+    sin = (jnp.sin(emb) * attention_factor)[:, :, None, :]
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        pd = jnp.dtype(cfg.param_dtype)
+        h, n, kvn, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = _param(rngs, (h, n, d), ("embed", "q_heads", "head_dim"), pd)
+        self.k_proj = _param(rngs, (h, kvn, d), ("embed", "kv_heads", "head_dim"), pd)
+        self.v_proj = _param(rngs, (h, kvn, d), ("embed", "kv_heads", "head_dim"), pd)
+        self.o_proj = _param(rngs, (n, d, h), ("q_heads", "head_dim", "embed"), pd)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps, "head_dim", pd)
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps, "head_dim", pd)
+        self.cfg = cfg
+
+    def __call__(self, x, positions, layout: TokenLayout, rope, context: tuple[LayerKV, TokenLayout] | None):
+        dt = x.dtype
+        q = jnp.einsum("bld,dnh->blnh", x, self.q_proj[...].astype(dt))
+        k = jnp.einsum("bld,dnh->blnh", x, self.k_proj[...].astype(dt))
+        v = jnp.einsum("bld,dnh->blnh", x, self.v_proj[...].astype(dt))
+        q = apply_rope(self.q_norm(q), positions, *rope)
+        k = apply_rope(self.k_norm(k), positions, *rope)
+        new_kv = LayerKV(k, v)
+        keys, values, kv_layout = k, v, layout
+        if context is not None:
+            past, past_layout = context
+            keys = jnp.concatenate([past.k.astype(dt), k], axis=1)
+            values = jnp.concatenate([past.v.astype(dt), v], axis=1)
+            kv_layout = TokenLayout(*(jnp.concatenate([a, b], axis=1) for a, b in zip(past_layout, layout)))
+        out = block_causal_attention(
+            q, keys, values, layout, kv_layout, q_tile=self.cfg.attn_q_tile, kv_tile=self.cfg.attn_kv_tile
+        )
+        return jnp.einsum("blnh,nhd->bld", out, self.o_proj[...].astype(dt)), new_kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        pd = jnp.dtype(cfg.param_dtype)
+        h, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = _param(rngs, (h, f), ("embed", "mlp"), pd)
+        self.up_proj = _param(rngs, (h, f), ("embed", "mlp"), pd)
+        self.down_proj = _param(rngs, (f, h), ("mlp", "embed"), pd)
+
+    def __call__(self, x):
+        dt = x.dtype
+        gate = x @ self.gate_proj[...].astype(dt)
+        up = x @ self.up_proj[...].astype(dt)
+        return (jax.nn.silu(gate) * up) @ self.down_proj[...].astype(dt)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        pd = jnp.dtype(cfg.param_dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "norm", pd)
+        self.self_attn = Attention(cfg, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "norm", pd)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x, positions, layout, rope, context):
+        attn_out, new_kv = self.self_attn(self.input_layernorm(x), positions, layout, rope, context)
+        x = x + attn_out
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, new_kv
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class SDARModel(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        pd = jnp.dtype(cfg.param_dtype)
+        self.cfg = cfg
+        self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd)
+        self.layers = nnx.List([DecoderLayer(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "norm", pd)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd)
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        layout: TokenLayout,
+        context: KVContext | None = None,
+    ) -> tuple[jax.Array, tuple[LayerKV, ...]]:
+        """tokens, positions int [batch, length] -> (final hidden [batch, length, hidden],
+        per-layer keys/values of these tokens). `context` holds keys/values of earlier tokens."""
+        dt = jnp.dtype(self.cfg.dtype)
+        x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(dt)
+        inv_freq, attention_factor = rope_inv_freq(self.cfg)
+        rope = (jnp.asarray(inv_freq), attention_factor)
+        new_kvs = []
+        for i, layer in enumerate(self.layers):
+            layer_ctx = None if context is None else (context.layers[i], context.layout)
+            if self.cfg.remat != "none":
+                call = nnx.remat(
+                    lambda lyr, x, p, lay, ctx: lyr(x, p, lay, rope, ctx),
+                    policy=_REMAT_POLICIES[self.cfg.remat],
+                )
+                x, kv = call(layer, x, positions, layout, layer_ctx)
+            else:
+                x, kv = layer(x, positions, layout, rope, layer_ctx)
+            new_kvs.append(kv)
+        return self.norm(x), tuple(new_kvs)
+
+    def head_weight(self) -> jax.Array:
+        """[hidden, vocab] output projection (the embedding's transpose when tied)."""
+        if self.cfg.tie_word_embeddings:
+            return self.embed_tokens[...].T
+        return self.lm_head[...]
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Full-vocabulary logits in float32 for the given hidden states."""
+        return jnp.einsum(
+            "...d,dv->...v", hidden, self.head_weight().astype(hidden.dtype), preferred_element_type=jnp.float32
+        )
+
+
+def init_model(cfg: ModelConfig, seed: int = 0) -> SDARModel:
+    return SDARModel(cfg, nnx.Rngs(params=seed))

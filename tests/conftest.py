@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny random SDAR-style HF checkpoints built with transformers' Qwen3."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiny_hf_config(tie: bool = True, vocab_size: int = 160, **overrides) -> dict:
+    cfg = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie,
+        hidden_act="silu",
+        attention_bias=False,
+        use_sliding_window=False,
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def write_tiny_hf_checkpoint(path, tie: bool = True, seed: int = 0, dtype: str = "float32", **overrides):
+    """Save a random transformers Qwen3ForCausalLM and relabel it as an SDAR checkpoint.
+
+    Returns the torch model (eval mode, float32) for parity checks.
+    """
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    hf_cfg = Qwen3Config(**tiny_hf_config(tie=tie, **overrides))
+    model = Qwen3ForCausalLM(hf_cfg).eval()
+    with torch.no_grad():  # norms start at 1: randomise them so a mix-up cannot hide
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.1 * torch.randn_like(p))
+    model.to(getattr(torch, dtype)).save_pretrained(path, safe_serialization=True)
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    cfg.update(model_type="sdar", architectures=["SDARForCausalLM"], block_size=4, torch_dtype=dtype)
+    cfg.pop("dtype", None)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    return model.float()
+
+
+def block_causal_additive_mask(length: int, block_size: int, segments=None):
+    """Dense float mask written independently of gtpo_jax: 0 where visible, -inf elsewhere."""
+    q = np.arange(length)[:, None] // block_size
+    k = np.arange(length)[None, :] // block_size
+    visible = k <= q
+    if segments is not None:
+        segments = np.asarray(segments)
+        visible = visible & (segments[:, None] == segments[None, :])
+    return np.where(visible, 0.0, -np.inf).astype(np.float32)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
