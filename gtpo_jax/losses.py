@@ -1,0 +1,76 @@
+"""Log-likelihoods at target slots and the SFT / GTPO objectives (SPEC §3–§5).
+
+Only target slots are projected to the vocabulary, in chunks under `jax.checkpoint`, so neither
+the forward nor the backward ever holds [rows, L, vocab] logits.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from gtpo_jax.model import SDARModel, TokenLayout
+
+
+def target_logprobs(model: SDARModel, batch: dict, *, vocab_chunk: int = 256) -> jax.Array:
+    """log p(target_token | its state) for every entry of batch["target_index"] -> float32 [T].
+
+    `batch` holds the arrays of `gtpo_jax.layout.PackedBatch.model_inputs()`; T must be a
+    multiple of `vocab_chunk` (pack() pads target lists to such multiples).
+    """
+    layout = TokenLayout(batch["segment"], batch["block"], batch["copy"])
+    hidden, _ = model(batch["tokens"], batch["positions"], layout)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    target_hidden = jnp.take(flat, batch["target_index"], axis=0)
+    head = model.head_weight()
+    n = target_hidden.shape[0]
+    chunk = min(vocab_chunk, n)
+    if n % chunk:
+        raise ValueError(f"number of target slots {n} is not a multiple of the chunk size {chunk}")
+
+    @jax.checkpoint
+    def chunk_logprob(h, tok):
+        logits = jnp.einsum("td,dv->tv", h, head.astype(h.dtype), preferred_element_type=jnp.float32)
+        picked = jnp.take_along_axis(logits, tok[:, None], axis=-1)[:, 0]
+        return picked - jax.nn.logsumexp(logits, axis=-1)
+
+    h_chunks = target_hidden.reshape(n // chunk, chunk, -1)
+    t_chunks = batch["target_token"].reshape(n // chunk, chunk)
+    return jax.lax.map(lambda xs: chunk_logprob(*xs), (h_chunks, t_chunks)).reshape(n)
+
+
+def sft_loss(logprobs: jax.Array, weights: jax.Array) -> jax.Array:
+    """Σ −w_t·l_t. With w_t = 1 / (targets of t's sample · samples with targets), this is the
+    mean over samples of each sample's mean NLL (SPEC §4); weights are global so that
+    micro-batches add up to the full-batch loss."""
+    return -(weights * logprobs).sum()
+
+
+def gtpo_token_terms(
+    logprobs: jax.Array,
+    old_logprobs: jax.Array,
+    advantages: jax.Array,
+    *,
+    eps_low: float,
+    eps_high: float,
+    beta: float = 0.0,
+    ref_logprobs: jax.Array | None = None,
+    tis_weight: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Per-token loss terms of SPEC §5.4: −min(ρA, clip(ρ)A) (× truncated IS weight) + β·k3."""
+    ratio = jnp.exp(jnp.clip(logprobs - old_logprobs, -10.0, 10.0))
+    clipped = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    surrogate = jnp.minimum(ratio * advantages, clipped * advantages)
+    policy_term = -surrogate
+    if tis_weight is not None:
+        policy_term = policy_term * tis_weight
+    terms = policy_term
+    stats = {"ratio": ratio, "clipped": (ratio * advantages != surrogate).astype(jnp.float32)}
+    if beta > 0:
+        if ref_logprobs is None:
+            raise ValueError("beta > 0 needs reference log-probs")
+        delta = ref_logprobs - logprobs
+        k3 = jnp.exp(delta) - 1.0 - delta
+        terms = terms + beta * k3
+        stats["k3"] = k3
+    return terms, stats
