@@ -171,7 +171,9 @@ def sft_layout(
     seq[p : p + len(response)] = response
     maskable = np.zeros(end, bool)
     maskable[p : p + maskable_len] = True
-    clean = seq[: p + len(response)]
+    # The pads of the last blocks are context too: copies of the last block see the clean
+    # blocks before it, which may already hold post_num pads.
+    clean = seq
 
     copies = []
     blocks = range(p // b, end // b)

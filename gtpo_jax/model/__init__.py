@@ -44,7 +44,7 @@ def model_from_params(cfg: ModelConfig, params: dict) -> SDARModel:
     """
     model = nnx.eval_shape(lambda: SDARModel(cfg, nnx.Rngs(0)))
     state = nnx.state(model, nnx.Param)
-    for path, var in state.flat_state():
+    for path, var in nnx.to_flat_state(state):
         node = params
         key_path = tuple(str(p) for p in path)
         for key in key_path:
