@@ -26,7 +26,7 @@ def _pad_first(array: np.ndarray, length: int, fill=0) -> np.ndarray:
 
 def stack_micro_batches(
     groups: Sequence[Sequence[SampleLayout]],
-    per_target: Callable[[Sequence[SampleLayout], PackedBatch], dict[str, np.ndarray]],
+    per_target: Callable[[int, PackedBatch], dict[str, np.ndarray]],
     *,
     block_size: int,
     row_len: int,
@@ -36,7 +36,7 @@ def stack_micro_batches(
 ) -> tuple[dict[str, np.ndarray], list[PackedBatch]]:
     """Pack each group of samples and stack the groups to [micro_batches, ...] arrays.
 
-    `per_target(group, packed)` returns named arrays aligned with the packed batch's valid
+    `per_target(group_number, packed)` returns named arrays aligned with the packed batch's valid
     targets (e.g. loss weights, advantages); they are padded with zeros and stacked alongside.
     Row counts and target counts are padded to a common bucket.
     """
@@ -45,7 +45,7 @@ def stack_micro_batches(
     rows = -(-rows // rows_multiple) * rows_multiple
     targets = _bucket(max(int(p.target_valid.sum()) for p in packed), vocab_chunk)
     stacked: dict[str, list[np.ndarray]] = {}
-    for g, p in zip(groups, packed):
+    for g, p in enumerate(packed):
         extra = per_target(g, p)
         arrays = {k: _pad_first(v, rows) for k, v in p.model_inputs().items() if v.ndim == 2}
         arrays["target_index"] = _pad_first(p.target_index, targets)
@@ -59,8 +59,9 @@ def stack_micro_batches(
 
 
 def split_evenly(items: Sequence, parts: int) -> list[list]:
-    size = len(items) // parts
-    return [list(items[i * size : (i + 1) * size]) for i in range(parts)]
+    """`parts` consecutive groups whose sizes differ by at most one."""
+    bounds = np.linspace(0, len(items), parts + 1).round().astype(int)
+    return [list(items[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def per_sample_mean_weights(layouts: Sequence[SampleLayout], packed: PackedBatch, num_samples: int) -> np.ndarray:

@@ -54,7 +54,7 @@ def build_model(cfg: Config, vocab_size: int | None = None) -> SDARModel:
     return model
 
 
-def make_optimizer(opt: OptimSection, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(opt: OptimSection, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     if opt.schedule == "constant":
         schedule = optax.constant_schedule(opt.lr)
     else:
@@ -74,6 +74,11 @@ def make_optimizer(opt: OptimSection, total_steps: int) -> optax.GradientTransfo
     return optax.chain(*chain), schedule
 
 
+# Auxiliary metrics are summed over micro-batches, except *_max / *_min.
+_AUX_COMBINE = {"max": jnp.maximum, "min": jnp.minimum}
+_AUX_INIT = {"max": -jnp.inf, "min": jnp.inf}
+
+
 def make_update_step(graphdef, tx: optax.GradientTransformation, loss_fn: LossFn, schedule=None):
     """Build the pure update step. `loss_fn(model, micro_batch) -> (loss, aux sums)` where the
     loss of a micro-batch is already weighted so that the sum over micro-batches is the step's
@@ -88,13 +93,13 @@ def make_update_step(graphdef, tx: optax.GradientTransformation, loss_fn: LossFn
 
             (loss, aux), g = jax.value_and_grad(objective, has_aux=True)(params)
             grads = jax.tree.map(lambda a, b: a + b.astype(a.dtype), grads, g)
-            aux_sum = jax.tree.map(jnp.add, aux_sum, aux)
+            aux_sum = {k: _AUX_COMBINE.get(k.rsplit("_", 1)[-1], jnp.add)(aux_sum[k], v) for k, v in aux.items()}
             return (grads, loss_sum + loss, aux_sum), None
 
         zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         first = jax.tree.map(lambda x: x[0], batches)
         aux_shape = jax.eval_shape(lambda p: loss_fn(nnx.merge(graphdef, p), first)[1], params)
-        zero_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
+        zero_aux = {k: jnp.full(s.shape, _AUX_INIT.get(k.rsplit("_", 1)[-1], 0), s.dtype) for k, s in aux_shape.items()}
         (grads, loss, aux), _ = jax.lax.scan(micro_step, (zero_grads, jnp.float32(0.0), zero_aux), batches)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -74,7 +74,7 @@ def build_sft_batch(layouts: list[SampleLayout], cfg: Config, rows_multiple: int
     groups = split_evenly(layouts, cfg.train.micro_batches)
     arrays, _ = stack_micro_batches(
         groups,
-        lambda group, packed: {"weight": per_sample_mean_weights(group, packed, with_targets)},
+        lambda g, packed: {"weight": per_sample_mean_weights(groups[g], packed, with_targets)},
         block_size=cfg.block_size,
         row_len=sft_row_len(cfg),
         rows_multiple=rows_multiple,

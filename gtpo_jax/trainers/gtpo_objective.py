@@ -1,0 +1,148 @@
+"""GTPO's per-step objective on a batch of scored rollouts (SPEC §5.3–§5.4).
+
+Host side: rollouts -> trajectory layouts -> stacked micro-batches carrying, per target token,
+its advantage, its normalisation weight and the log-probs it is compared with. Device side:
+`gtpo_loss_fn` evaluates the clipped surrogate (+ k3 KL, × truncated importance weight).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gtpo_jax.layout import PackedBatch, SampleLayout, trajectory_layout
+from gtpo_jax.losses import gtpo_token_terms, target_logprobs
+from gtpo_jax.trainers.batching import split_evenly, stack_micro_batches
+
+
+@dataclasses.dataclass
+class ScoredRollout:
+    prompt: np.ndarray
+    response: np.ndarray
+    step_map: np.ndarray
+    advantage: float
+    tail: tuple[np.ndarray, np.ndarray] | None = None
+    rollout_logprobs: np.ndarray | None = None  # engine's log-probs (SPEC §2)
+    old_logprobs: np.ndarray | None = None  # l(θ_old), needed when num_iterations > 1
+    ref_logprobs: np.ndarray | None = None  # reference model, needed when beta > 0
+
+
+def group_advantages(rewards: np.ndarray) -> np.ndarray:
+    """[groups, responses] -> (r − mean) / population std per group; 0 where std == 0."""
+    rewards = np.asarray(rewards, np.float64)
+    mean = rewards.mean(axis=1, keepdims=True)
+    std = rewards.std(axis=1, keepdims=True)
+    return np.where(std > 0, (rewards - mean) / np.where(std > 0, std, 1.0), 0.0).astype(np.float32)
+
+
+def normalisation_weights(layouts: Sequence[SampleLayout], loss_norm: str) -> list[dict[int, float]]:
+    """Per sample, {round: weight of each of its tokens}.
+
+    round_mean: a round's terms are averaged over its tokens, rounds summed, divided by the
+    number of responses; token_mean: one weight 1 / (all target tokens of the step)."""
+    if loss_norm == "token_mean":
+        total = sum(lay.num_targets for lay in layouts)
+        return [{c.round: 1.0 / total for c in lay.copies} for lay in layouts]
+    if loss_norm != "round_mean":
+        raise ValueError(f"loss_norm must be round_mean or token_mean, got {loss_norm!r}")
+    out = []
+    for lay in layouts:
+        counts: dict[int, int] = {}
+        for c in lay.copies:
+            counts[c.round] = counts.get(c.round, 0) + int((c.targets >= 0).sum())
+        out.append({r: 1.0 / (n * len(layouts)) for r, n in counts.items() if n})
+    return out
+
+
+def build_gtpo_batch(
+    rollouts: Sequence[ScoredRollout],
+    *,
+    block_size: int,
+    mask_id: int,
+    shrink: int,
+    loss_norm: str,
+    micro_batches: int,
+    row_len: int,
+    vocab_chunk: int,
+    rows_multiple: int = 1,
+) -> tuple[dict[str, np.ndarray], list[PackedBatch]]:
+    layouts = [
+        trajectory_layout(r.prompt, r.response, r.step_map, block_size=block_size, mask_id=mask_id, shrink=shrink,
+                          tail=r.tail)
+        for r in rollouts
+    ]
+    weights = normalisation_weights(layouts, loss_norm)
+    index = list(range(len(rollouts)))
+    groups = split_evenly(index, micro_batches)
+
+    def per_target(g: int, packed: PackedBatch) -> dict[str, np.ndarray]:
+        valid = packed.target_valid
+        sample = np.asarray(groups[g])[packed.target_sample[valid]]
+        position = packed.positions.reshape(-1)[packed.target_index[valid]]
+        t = position - np.array([len(rollouts[i].prompt) for i in sample])  # response index
+        rounds = packed.target_round[valid]
+
+        def token_values(attr):
+            arrays = [getattr(rollouts[i], attr) for i in sample]
+            if any(a is None for a in arrays):
+                return np.zeros(len(sample), np.float32)
+            return np.array([a[k] for a, k in zip(arrays, t)], np.float32)
+
+        return {
+            "weight": np.array([weights[i][r] for i, r in zip(sample, rounds)], np.float32),
+            "advantage": np.array([rollouts[i].advantage for i in sample], np.float32),
+            "old_logprob": token_values("old_logprobs"),
+            "ref_logprob": token_values("ref_logprobs"),
+            "rollout_logprob": token_values("rollout_logprobs"),
+        }
+
+    return stack_micro_batches(
+        [[layouts[i] for i in g] for g in groups],
+        per_target,
+        block_size=block_size,
+        row_len=row_len,
+        rows_multiple=rows_multiple,
+        vocab_chunk=vocab_chunk,
+    )
+
+
+def gtpo_loss_fn(
+    *,
+    eps_low: float,
+    eps_high: float,
+    beta: float,
+    use_old_logprobs: bool,
+    tis_cap: float,
+    vocab_chunk: int,
+):
+    """loss_fn(model, micro_batch) -> (weighted loss, metric sums) for `make_update_step`.
+
+    With use_old_logprobs False (num_iterations == 1) θ_old is θ itself: l_old = stop_gradient(l),
+    so the ratio is exactly 1 and only its gradient flows."""
+
+    def loss_fn(model, mb):
+        logprobs = target_logprobs(model, mb, vocab_chunk=vocab_chunk)
+        valid = mb["target_valid"]
+        old = mb["old_logprob"] if use_old_logprobs else jax.lax.stop_gradient(logprobs)
+        tis = jnp.minimum(jnp.exp(old - mb["rollout_logprob"]), tis_cap) if tis_cap > 0 else None
+        terms, stats = gtpo_token_terms(
+            logprobs, old, mb["advantage"], eps_low=eps_low, eps_high=eps_high, beta=beta,
+            ref_logprobs=mb["ref_logprob"], tis_weight=tis,
+        )
+        masked = lambda x: jnp.where(valid, x, 0.0).sum()  # noqa: E731
+        aux = {
+            "tokens": valid.sum().astype(jnp.float32),
+            "ratio_sum": masked(stats["ratio"]),
+            "ratio_max": jnp.where(valid, stats["ratio"], -jnp.inf).max(),
+            "ratio_min": jnp.where(valid, stats["ratio"], jnp.inf).min(),
+            "clipped_sum": masked(stats["clipped"]),
+            "k3_sum": masked(stats["k3"]) if "k3" in stats else jnp.float32(0.0),
+            "rollout_abs_diff_sum": masked(jnp.abs(jax.lax.stop_gradient(logprobs) - mb["rollout_logprob"])),
+        }
+        return masked(mb["weight"] * terms), aux
+
+    return loss_fn
