@@ -130,3 +130,19 @@ def shard_batch(batch, mesh: Mesh):
         return jax.device_put(x, batch_sharding(mesh, x.ndim))
 
     return jax.tree.map(put, batch)
+
+
+def shard_micro_batches(arrays: dict, mesh: Mesh) -> dict:
+    """Stacked micro-batches: token grids [micro, rows, L] split by rows over the data axes;
+    per-target arrays [micro, T] (gather indices into the global grid) replicated."""
+    n = _axis_size(mesh, BATCH_AXES)
+    out = {}
+    for name, x in arrays.items():
+        x = np.asarray(x)
+        if x.ndim == 3:
+            if x.shape[1] % n:
+                raise ValueError(f"{name}: {x.shape[1]} rows are not divisible by the data-parallel size {n}")
+            out[name] = jax.device_put(x, NamedSharding(mesh, P(None, BATCH_AXES, None)))
+        else:
+            out[name] = jax.device_put(x, NamedSharding(mesh, P()))
+    return out
