@@ -1,21 +1,63 @@
-"""Reading HF model directories (config.json + single or sharded safetensors), tensor by tensor."""
+"""HF model directories (config.json + single or sharded safetensors), read and written tensor by tensor.
+
+Both directions hold at most one copy of the model in host memory: reading converts each tensor
+to our layout as it leaves its shard (read with `readinto`, not memory-mapped), and writing converts each tensor to the HF layout (dropping
+the source when the caller hands over an iterator that lets go of it, as `orbax_to_hf` does), then
+writes every shard straight from those arrays (safetensors >= 0.8 serialises from the arrays'
+buffers, bfloat16 included, without building the file in memory).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 import json
 import os
-from typing import Iterator
+import re
+import shutil
+from typing import Any, Iterable, Iterator, Mapping
 
+import ml_dtypes
 import numpy as np
-from safetensors import safe_open
+from safetensors.numpy import save_file
+from tqdm import tqdm
 
 from gtpo_jax.model import ModelConfig, SDARModel, model_from_params
-from gtpo_jax.model.params import CheckpointMismatchError, expected_hf_names, hf_to_nnx, set_nested
+from gtpo_jax.model.config import DTYPES
+from gtpo_jax.model.params import (
+    CheckpointMismatchError,
+    Path,
+    expected_hf_names,
+    hf_shape,
+    hf_to_nnx,
+    iter_nested,
+    nnx_to_hf,
+    set_nested,
+)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SINGLE_SAFETENSORS = "model.safetensors"
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # "5GB", transformers 4's default max_shard_size (LMDeploy and vLLM read any size)
+# Files of an HF directory that hold weights: never copied as assets, removed before a new export
+# so that stale shards of an earlier export cannot be picked up by a loader.
+WEIGHT_FILE_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth")
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
+@dataclasses.dataclass(frozen=True)
+class HFDirSummary:
+    """What `write_hf_dir` wrote."""
+
+    files: list[str]  # weight files, in order
+    num_tensors: int
+    num_bytes: int
+    dtype: str  # the dtype holding most bytes (the one config.json's torch_dtype names)
+
+
+# ---- reading ---------------------------------------------------------------------------------
 def safetensors_files(path: str | os.PathLike) -> dict[str, str]:
     """Tensor name -> file, from the index (sharded) or the single file."""
     path = os.fspath(path)
@@ -26,12 +68,55 @@ def safetensors_files(path: str | os.PathLike) -> dict[str, str]:
         return {name: os.path.join(path, fname) for name, fname in weight_map.items()}
     single = os.path.join(path, SINGLE_SAFETENSORS)
     if os.path.isfile(single):
-        with safe_open(single, framework="numpy") as f:
-            return {name: single for name in f.keys()}
+        return {name: single for name in _safetensors_header(single)[0] if name != "__metadata__"}
     raise FileNotFoundError(
         f"{path} holds neither {SINGLE_SAFETENSORS} nor {SAFETENSORS_INDEX}; "
         "gtpo_jax reads HF checkpoints saved as safetensors (save_pretrained(..., safe_serialization=True))"
     )
+
+
+_ST_DTYPES = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"), "BOOL": np.dtype("bool"),
+}
+
+
+def _safetensors_header(fname: str) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file and the offset where its data starts."""
+    with open(fname, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(size))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CheckpointMismatchError(f"{fname} is not a safetensors file (unreadable header)") from None
+    return header, 8 + size
+
+
+def _read_safetensors(fname: str, names: Iterable[str]) -> Iterator[tuple[str, np.ndarray]]:
+    """Tensors of one safetensors file, each read straight into its own array.
+
+    Not `safe_open`: it memory-maps the file, and the mapped pages it touches stay resident (and
+    count in RSS) until the file closes, so converting a single-file checkpoint would hold the
+    model twice. Reading with `readinto` holds only the arrays handed out.
+    """
+    header, base = _safetensors_header(fname)
+    with open(fname, "rb") as f:
+        for name in names:
+            if name not in header:
+                raise CheckpointMismatchError(f"{fname} lacks tensor {name!r} that its index names")
+            info = header[name]
+            if info["dtype"] not in _ST_DTYPES:
+                raise CheckpointMismatchError(f"tensor {name!r} in {fname} has unsupported dtype {info['dtype']}")
+            start, end = info["data_offsets"]
+            array = np.empty(info["shape"], dtype=_ST_DTYPES[info["dtype"]])
+            if array.nbytes != end - start:
+                raise CheckpointMismatchError(f"tensor {name!r} in {fname}: shape/dtype do not match its byte size")
+            f.seek(base + start)
+            if f.readinto(memoryview(array.reshape(-1).view(np.uint8))) != array.nbytes:
+                raise CheckpointMismatchError(f"{fname} is truncated (tensor {name!r})")
+            yield name, array
 
 
 def iter_hf_tensors(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
@@ -40,24 +125,29 @@ def iter_hf_tensors(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]
     for name, fname in safetensors_files(path).items():
         by_file.setdefault(fname, []).append(name)
     for fname, names in by_file.items():
-        with safe_open(fname, framework="numpy") as f:
-            for name in names:
-                yield name, f.get_tensor(name)
+        yield from _read_safetensors(fname, names)
 
 
-def load_hf_params(path: str | os.PathLike, cfg: ModelConfig, dtype=None) -> dict:
+def load_hf_params(path: str | os.PathLike, cfg: ModelConfig, dtype=None, *, progress: bool = False) -> dict:
     """Nested-dict parameters in our layout, keeping the stored dtype unless `dtype` is given.
 
     Every tensor is checked against the architecture; missing and unexpected tensors are errors.
+    `progress` shows a tqdm bar over tensors (the CLI's).
     """
+    target = None if dtype is None else np_dtype(dtype)
     params: dict = {}
     seen = set()
-    for name, tensor in iter_hf_tensors(path):
+    tensors = iter_hf_tensors(path)
+    if progress:
+        tensors = tqdm(tensors, total=len(safetensors_files(path)), desc="reading", unit="tensor")
+    for name, tensor in tensors:
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             # Some tied checkpoints still store the (identical) head; it carries no information.
             continue
+        if target is not None:  # cast before the layout change: the transposed copy is then the smaller one
+            tensor = tensor.astype(target, copy=False)
         nnx_path, array = hf_to_nnx(name, tensor, cfg)
-        set_nested(params, nnx_path, array if dtype is None else array.astype(dtype))
+        set_nested(params, nnx_path, array)
         seen.add(name)
     missing = [n for n in expected_hf_names(cfg) if n not in seen]
     if missing:
@@ -66,7 +156,10 @@ def load_hf_params(path: str | os.PathLike, cfg: ModelConfig, dtype=None) -> dic
 
 
 def read_hf_config(path: str | os.PathLike) -> dict:
-    with open(os.path.join(path, "config.json")) as f:
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{path} has no config.json; is it an HF model directory?")
+    with open(cfg_path) as f:
         return json.load(f)
 
 
@@ -74,3 +167,172 @@ def load_hf_model(path: str | os.PathLike, **runtime) -> SDARModel:
     """An SDARModel with the weights of an HF directory. `runtime`: ModelConfig runtime fields."""
     cfg = ModelConfig.from_hf_dir(path, **runtime)
     return model_from_params(cfg, load_hf_params(path, cfg))
+
+
+# ---- writing ---------------------------------------------------------------------------------
+def np_dtype(name: str | np.dtype) -> np.dtype:
+    """numpy dtype for a config dtype name ("float32", "bfloat16"); bfloat16 comes from ml_dtypes."""
+    if isinstance(name, np.dtype):
+        return name
+    if name == "bfloat16":
+        return np.dtype(ml_dtypes.bfloat16)
+    if name in DTYPES:
+        return np.dtype(name)
+    raise ValueError(f"unsupported dtype {name!r}; choose one of {DTYPES} (or None to keep the stored dtype)")
+
+
+def parse_byte_size(size: int | str) -> int:
+    """Bytes from an int or a transformers-style size string: "5GB" = 5e9, "2GiB" = 2 * 2**30, "500MB"."""
+    if isinstance(size, int):
+        value = size
+    else:
+        m = _SIZE_RE.match(str(size))
+        if not m:
+            raise ValueError(f"cannot read size {size!r}; write e.g. 5GB, 500MB, 2GiB or a number of bytes")
+        value = int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").upper()])
+    if value <= 0:
+        raise ValueError(f"size must be positive, got {size!r}")
+    return value
+
+
+def is_weight_file(name: str) -> bool:
+    return any(fnmatch.fnmatch(name, pattern) for pattern in WEIGHT_FILE_PATTERNS)
+
+
+def copy_hf_assets(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *, include_config: bool = False) -> list[str]:
+    """Copy what an HF directory holds besides its weights: tokenizer files, chat template,
+    generation_config.json, custom code (*.py), README... (top-level regular files, no dotfiles).
+
+    config.json is copied only when asked: writers produce their own from the model config.
+    """
+    copied = []
+    for name in sorted(os.listdir(src_dir)):
+        src = os.path.join(src_dir, name)
+        if (name.startswith(".") or not os.path.isfile(src) or is_weight_file(name)
+                or (name == "config.json" and not include_config)):
+            continue
+        shutil.copy2(src, os.path.join(dst_dir, name))
+        copied.append(name)
+    return copied
+
+
+def _to_hf_tensor(
+    path: Path, array: Any, cfg: ModelConfig, target: np.dtype | None, expected: set[str]
+) -> tuple[str, np.ndarray]:
+    array = np.asarray(array)  # a jax array comes to the host here, one tensor at a time
+    if target is not None:
+        array = array.astype(target, copy=False)
+    try:
+        name, tensor = nnx_to_hf(path, array, cfg)
+    except KeyError:
+        raise CheckpointMismatchError(
+            f"parameter {'.'.join(map(str, path))} has no HF counterpart in an SDAR/Qwen3 decoder"
+        ) from None
+    if name not in expected:
+        raise CheckpointMismatchError(
+            f"parameter {'.'.join(map(str, path))} ({name!r}) does not belong to this model "
+            f"({cfg.num_layers} layers, tie_word_embeddings={cfg.tie_word_embeddings})"
+        )
+    want = hf_shape(name, cfg)
+    if tuple(tensor.shape) != want:
+        raise CheckpointMismatchError(
+            f"tensor {name!r} has shape {tuple(tensor.shape)} but the model config implies {want}; "
+            "the parameters and the config do not belong together"
+        )
+    return name, tensor
+
+
+def _plan_shards(names: list[str], tensors: Mapping[str, np.ndarray], limit: int) -> list[list[str]]:
+    """Greedy, in checkpoint order; a tensor larger than the limit gets a shard of its own."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name in names:
+        nbytes = tensors[name].nbytes
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def write_hf_dir(
+    params: Mapping | Iterable[tuple[Path, Any]],
+    cfg: ModelConfig,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    max_shard_bytes: int | str = DEFAULT_MAX_SHARD_BYTES,
+    source_config: Mapping[str, Any] | None = None,
+    assets_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> HFDirSummary:
+    """Write an HF directory that transformers and LMDeploy load: safetensors weights, config.json, assets.
+
+    params: our parameter tree (nested dict, NNX layout, numpy or jax leaves) or an iterable of
+        (path, array). Peak host memory is one copy of the model when the iterable releases each
+        source array once yielded; with a dict the caller's copy stays alive alongside.
+    dtype: cast to "float32"/"bfloat16"; None keeps each tensor's dtype (a bit-exact export).
+    max_shard_bytes: int or "5GB"-style; more than one shard adds model.safetensors.index.json.
+    source_config: the original config.json; every field of it survives (model_type, architectures,
+        auto_map, block_size...), architecture fields come from `cfg`, torch_dtype is the written dtype.
+    assets_dir: an HF directory whose non-weight files (tokenizer, chat template, generation config,
+        custom *.py code) are copied alongside.
+
+    Weight files of an earlier export in `out_dir` are removed first, as save_pretrained does.
+    """
+    out_dir = os.fspath(out_dir)
+    if assets_dir is not None and os.path.isdir(out_dir) and os.path.samefile(assets_dir, out_dir):
+        raise ValueError(f"refusing to export into the source directory {out_dir}; choose another output directory")
+    limit = parse_byte_size(max_shard_bytes)
+    target = None if dtype is None else np_dtype(dtype)
+    names = expected_hf_names(cfg)
+    expected = set(names)
+    leaves = iter_nested(params) if isinstance(params, Mapping) else params
+    tensors: dict[str, np.ndarray] = {}
+    for path, array in tqdm(leaves, desc="converting", unit="tensor", disable=not progress):
+        name, tensor = _to_hf_tensor(tuple(path), array, cfg, target, expected)
+        tensors[name] = tensor
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise CheckpointMismatchError(
+            f"the parameters lack tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+            f"that a {cfg.num_layers}-layer model needs"
+        )
+    bytes_by_dtype: dict[str, int] = {}
+    for tensor in tensors.values():
+        bytes_by_dtype[tensor.dtype.name] = bytes_by_dtype.get(tensor.dtype.name, 0) + tensor.nbytes
+    written_dtype = max(bytes_by_dtype, key=bytes_by_dtype.get)
+    total = sum(bytes_by_dtype.values())
+
+    os.makedirs(out_dir, exist_ok=True)
+    for name in os.listdir(out_dir):
+        if is_weight_file(name):
+            os.remove(os.path.join(out_dir, name))
+    shards = _plan_shards(names, tensors, limit)
+    files = (
+        [SINGLE_SAFETENSORS] if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    weight_map = {}
+    for fname, shard in tqdm(list(zip(files, shards)), desc="writing", unit="shard", disable=not progress):
+        save_file({n: tensors[n] for n in shard}, os.path.join(out_dir, fname), metadata={"format": "pt"})
+        for n in shard:
+            weight_map[n] = fname
+            del tensors[n]  # written: let it go
+    if len(shards) > 1:
+        with open(os.path.join(out_dir, SAFETENSORS_INDEX), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+            f.write("\n")
+
+    hf_config = cfg.to_hf_dict(dict(source_config) if source_config is not None else None)
+    hf_config["torch_dtype"] = written_dtype
+    if "dtype" in hf_config:  # transformers >= 5 names the field `dtype`; keep both in step
+        hf_config["dtype"] = written_dtype
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2, sort_keys=True)
+        f.write("\n")
+    if assets_dir is not None:
+        copy_hf_assets(assets_dir, out_dir)
+    return HFDirSummary(files=files, num_tensors=len(weight_map), num_bytes=total, dtype=written_dtype)
+

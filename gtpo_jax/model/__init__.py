@@ -34,7 +34,7 @@ def params_of(model: SDARModel) -> dict:
     def stringify(tree):
         return {str(k): stringify(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
 
-    return stringify(nnx.state(model, nnx.Param).to_pure_dict())
+    return stringify(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
 def model_from_params(cfg: ModelConfig, params: dict) -> SDARModel:

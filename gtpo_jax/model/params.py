@@ -109,7 +109,7 @@ def hf_to_nnx(name: str, tensor: np.ndarray, cfg: ModelConfig) -> tuple[Path, np
 
 
 def nnx_to_hf(path: Path, array: np.ndarray, cfg: ModelConfig) -> tuple[str, np.ndarray]:
-    """Inverse of `hf_to_nnx`."""
+    """Inverse of `hf_to_nnx`. Raises KeyError for a path with no HF counterpart."""
     path = tuple(str(p) for p in path)
     if path[0] == "layers":
         name = f"model.layers.{path[1]}.{_PATH_TO_LAYER_NAME[path[2:]]}"
