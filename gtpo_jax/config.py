@@ -139,6 +139,7 @@ class GTPOSection:
 
 @dataclasses.dataclass
 class EvalSection:
+    enabled: bool = True  # held-out accuracy at the start and end of a run (and every `every` steps)
     every: int = 0  # evaluate every N steps during training; 0 = only at start and end
     num_samples: int = 1
     greedy: bool = True

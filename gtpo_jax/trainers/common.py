@@ -101,7 +101,7 @@ def make_update_step(graphdef, tx: optax.GradientTransformation, loss_fn: LossFn
         aux_shape = jax.eval_shape(lambda p: loss_fn(nnx.merge(graphdef, p), first)[1], params)
         zero_aux = {k: jnp.full(s.shape, _AUX_INIT.get(k.rsplit("_", 1)[-1], 0), s.dtype) for k, s in aux_shape.items()}
         (grads, loss, aux), _ = jax.lax.scan(micro_step, (zero_grads, jnp.float32(0.0), zero_aux), batches)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt_state = tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, jax.tree.map(lambda u, p: u.astype(p.dtype), updates, params))

@@ -87,3 +87,31 @@ def build_sft_batch(layouts: list[SampleLayout], cfg: Config, rows_multiple: int
         "tokens": int(sum(len(lay.clean) for lay in layouts)),
     }
     return arrays, stats
+
+
+def run_sft(cfg: Config) -> dict:
+    """The SFT stage end to end; returns the final metrics (and held-out accuracy if evaluated)."""
+    from gtpo_jax.trainers.session import TrainingSession
+
+    session = TrainingSession(cfg, make_data=TrainingSession.sft_data)
+    data = session.data
+    loss_fn = sft_loss_fn(cfg.train.vocab_chunk)
+    session.compile_step(loss_fn)
+    start = session.restore_or_init(data_state_setter=data.set_state)
+    session.evaluate_if_due(start, force=start == 0, label="before")
+    batches = data.batches(cfg.train.batch_size)
+    last = {}
+    for step in session.progress(start, cfg.train.steps):
+        samples, data_stats = next(batches)
+        t0 = time.perf_counter()
+        layouts = sft_layouts(samples, cfg, mask_id=session.mask_id, pad_id=session.pad_id, step=step)
+        arrays, stats = build_sft_batch(layouts, cfg, rows_multiple=session.data_parallel)
+        metrics = session.update(arrays)
+        elapsed = time.perf_counter() - t0
+        metrics.update(stats)
+        metrics.update(data_stats)
+        metrics["tokens_per_s"] = stats["tokens"] / elapsed
+        metrics["mean_nll"] = float(metrics.pop("nll_sum")) / max(int(metrics["masked_tokens"]), 1)
+        last = session.finish_step(step, metrics, data_state=data.get_state(),
+                                   keys=["loss", "lr", "grad_norm", "tokens_per_s", "masked_tokens"])
+    return session.close(last)

