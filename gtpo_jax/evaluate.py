@@ -1,0 +1,232 @@
+"""Evaluation: mean accuracy over `n` samples per question (pass@1 averaged) on RL-format sets.
+
+`python -m gtpo_jax.evaluate --config configs/eval_X.yaml [key=value ...]` writes, under
+`output_dir`, one JSONL of finished questions per dataset (so an interrupted run continues
+where it stopped), `results.json` and `results.md` (the seed's table: one column per dataset
+plus the average). Trainers call `evaluate_model` for held-out accuracy during training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+from typing import Optional
+
+import numpy as np
+from tqdm import tqdm
+
+from gtpo_jax.config import MeshSection, ModelSection, RolloutSection, TokenizerSection
+
+log = logging.getLogger("gtpo_jax")
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    datasets: dict  # name -> RL-format file (JSONL / JSON / Parquet)
+    output_dir: str = "runs/eval"
+    block_size: int = 4
+    n: int = 1  # samples per question
+    greedy: bool = False
+    seed: int = 0
+    max_questions: int = 0  # 0 = all
+    questions_per_batch: int = 16
+    think: bool = False
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    tokenizer: TokenizerSection = dataclasses.field(default_factory=TokenizerSection)
+    rollout: RolloutSection = dataclasses.field(default_factory=RolloutSection)
+    mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
+    grader_workers: int = 2
+    grader_timeout_s: float = 10.0
+    backend_options: Optional[dict] = None
+
+
+def summarise(records: list[dict]) -> dict:
+    """Per-question records -> accuracy (mean over questions of the per-question mean over
+    samples) with its standard error, and decoding statistics over all samples."""
+    if not records:
+        return {"questions": 0, "samples": 0, "accuracy": float("nan"), "stderr": float("nan")}
+    per_question = np.array([np.mean(r["correct"]) for r in records])
+    lengths = [x for r in records for x in r["lengths"]]
+    stderr = float(per_question.std(ddof=1) / math.sqrt(len(per_question))) if len(per_question) > 1 else 0.0
+    return {
+        "questions": len(records),
+        "samples": int(sum(len(r["correct"]) for r in records)),
+        "accuracy": float(per_question.mean()),
+        "stderr": stderr,
+        "response_len": float(np.mean(lengths)),
+        "truncation_rate": float(np.mean([x for r in records for x in r["truncated"]])),
+        "tokens_per_forward": float(np.mean([x for r in records for x in r["tokens_per_forward"]])),
+        "timeouts": int(sum(r.get("grader_timeouts", 0) for r in records)),
+    }
+
+
+def evaluate_questions(backend, grader, questions, tokenizer, *, n: int, seed: int, think: bool,
+                       questions_per_batch: int, done: dict[int, dict] | None = None, on_record=None,
+                       desc: str = "eval") -> list[dict]:
+    """Roll out and grade every question not already in `done`; returns records in question order."""
+    from gtpo_jax.data.tokenizer import chat_prompt
+
+    done = dict(done or {})
+    bar = tqdm(total=len(questions), initial=sum(q.index in done for q in questions), desc=desc,
+               dynamic_ncols=True, leave=False)
+    # Batches are fixed slices of the question list, each with its own seed, so a resumed run
+    # draws the same samples for the batches it still has to do as an uninterrupted one would.
+    for start in range(0, len(questions), questions_per_batch):
+        batch = [q for q in questions[start : start + questions_per_batch] if q.index not in done]
+        if not batch:
+            continue
+        prompt_ids = [tokenizer.encode(chat_prompt(q.question, think=think), add_special_tokens=False) for q in batch]
+        groups = backend.generate(prompt_ids, n, seed=seed + start)
+        pairs = [(r.text, q.ground_truth) for q, group in zip(batch, groups) for r in group]
+        results = grader.grade(pairs)
+        for i, (q, group) in enumerate(zip(batch, groups)):
+            graded = results[i * n : (i + 1) * n]
+            record = {
+                "index": q.index,
+                "correct": [bool(g.correct) and not r.truncated for g, r in zip(graded, group)],
+                "lengths": [int(len(r.tokens)) for r in group],
+                "truncated": [bool(r.truncated) for r in group],
+                "tokens_per_forward": [float(r.tokens_per_forward) for r in group],
+                "grader_timeouts": sum(g.status == "timeout" for g in graded),
+                "response": group[0].text,
+            }
+            done[q.index] = record
+            if on_record is not None:
+                on_record(record)
+        bar.update(len(batch))
+    bar.close()
+    return [done[q.index] for q in questions]
+
+
+def evaluate_model(model, tokenizer, cfg, *, mesh=None) -> dict:
+    """Held-out accuracy of a training run's current model on `cfg.data.eval_files` (JAX sampler)."""
+    from gtpo_jax.data.records import read_rl_records
+    from gtpo_jax.rewards import Grader
+    from gtpo_jax.rollout.jax_backend import JaxRollout
+
+    questions = [q for f in cfg.data.eval_files for q in read_rl_records(f)]
+    if cfg.eval.max_questions:
+        questions = questions[: cfg.eval.max_questions]
+    questions = [dataclasses.replace(q, index=i) for i, q in enumerate(questions)]
+    backend = JaxRollout.from_config(model, tokenizer, cfg.rollout, block_size=cfg.block_size, greedy=cfg.eval.greedy,
+                                     mesh=mesh)
+    grader = Grader(num_workers=cfg.gtpo.grader_workers, timeout_s=cfg.gtpo.grader_timeout_s)
+    try:
+        records = evaluate_questions(backend, grader, questions, tokenizer, n=cfg.eval.num_samples,
+                                     seed=cfg.train.seed, think=cfg.data.think, questions_per_batch=64)
+    finally:
+        grader.close()
+    return summarise(records)
+
+
+def results_table(summaries: dict[str, dict]) -> str:
+    """The seed's table: accuracy (%) per dataset and the unweighted average."""
+    names = list(summaries)
+    accs = [100 * summaries[n]["accuracy"] for n in names]
+    header = "| model | " + " | ".join(names) + " | average |"
+    sep = "|" + "---|" * (len(names) + 2)
+    row = "| accuracy (%) | " + " | ".join(f"{a:.1f} ± {100 * summaries[n]['stderr']:.1f}" for a, n in zip(accs, names))
+    row += f" | {np.mean(accs):.1f} |"
+    extra = []
+    for key, label, fmt in [("response_len", "mean response length", "{:.0f}"),
+                            ("truncation_rate", "truncation rate", "{:.3f}"),
+                            ("tokens_per_forward", "tokens per forward", "{:.2f}")]:
+        values = [summaries[n][key] for n in names]
+        extra.append(f"| {label} | " + " | ".join(fmt.format(v) for v in values) + f" | {fmt.format(np.mean(values))} |")
+    return "\n".join([header, sep, row, *extra]) + "\n"
+
+
+def run_evaluation(cfg: EvalConfig, *, backend=None, tokenizer=None) -> dict:
+    """Evaluate every dataset of `cfg`, resuming from the per-dataset JSONL files. `backend`
+    (a RolloutBackend) and `tokenizer` default to the ones the config describes; passing them
+    lets callers (tests, notebooks) reuse a loaded engine. A passed backend is not closed."""
+    from gtpo_jax.data.records import read_rl_records
+    from gtpo_jax.data.tokenizer import load_tokenizer
+    from gtpo_jax.rewards import Grader
+
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    if tokenizer is None:
+        tok_path = cfg.tokenizer.path or cfg.model.path
+        if tok_path and os.path.isdir(os.path.join(tok_path, "hf_assets")):
+            tok_path = os.path.join(tok_path, "hf_assets")
+        tokenizer = load_tokenizer(tok_path)
+    own_backend = backend is None
+    if own_backend:
+        from gtpo_jax.rollout import make_rollout_backend_for_eval
+
+        backend = make_rollout_backend_for_eval(cfg, tokenizer)
+    grader = Grader(num_workers=cfg.grader_workers, timeout_s=cfg.grader_timeout_s)
+    summaries = {}
+    try:
+        for name, path in cfg.datasets.items():
+            questions = read_rl_records(path)
+            if cfg.max_questions:
+                questions = questions[: cfg.max_questions]
+            questions = [dataclasses.replace(q, index=i) for i, q in enumerate(questions)]
+            progress_file = os.path.join(cfg.output_dir, f"{name}.jsonl")
+            done = {}
+            if os.path.exists(progress_file):
+                with open(progress_file) as f:
+                    for line in f:
+                        if line.strip():
+                            try:
+                                rec = json.loads(line)
+                            except json.JSONDecodeError:
+                                continue  # a line cut by an interruption: that question is redone
+                            done[rec["index"]] = rec
+                log.info("%s: %d of %d questions already evaluated; continuing", name, len(done), len(questions))
+            if os.path.exists(progress_file) and os.path.getsize(progress_file):
+                with open(progress_file, "rb+") as f:  # end a line cut by an interruption
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) != b"\n":
+                        f.write(b"\n")
+            with open(progress_file, "a") as out:
+                def append(record, out=out):
+                    out.write(json.dumps(record) + "\n")
+                    out.flush()
+
+                records = evaluate_questions(backend, grader, questions, tokenizer, n=cfg.n, seed=cfg.seed,
+                                             think=cfg.think, questions_per_batch=cfg.questions_per_batch,
+                                             done=done, on_record=append, desc=name)
+            summaries[name] = summarise(records)
+            log.info("%s: accuracy %.1f%% ± %.1f over %d questions × %d samples", name,
+                     100 * summaries[name]["accuracy"], 100 * summaries[name]["stderr"], len(records), cfg.n)
+    finally:
+        grader.close()
+        if own_backend:
+            backend.close()
+    table = results_table(summaries)
+    with open(os.path.join(cfg.output_dir, "results.json"), "w") as f:
+        json.dump(summaries, f, indent=2)
+    with open(os.path.join(cfg.output_dir, "results.md"), "w") as f:
+        f.write(table)
+    print(table)
+    return summaries
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gtpo_jax.config_loader import load_config
+    from gtpo_jax.trainers.session import setup_logging
+
+    parser = argparse.ArgumentParser(prog="python -m gtpo_jax.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. n=4 max_questions=50")
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        cfg = load_config(EvalConfig, args.config, args.overrides)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run_evaluation(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
