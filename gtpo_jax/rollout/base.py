@@ -1,0 +1,48 @@
+"""One interface for every rollout engine (JAX sampler, LMDeploy): generate groups of rollouts
+with step maps, and receive the trainer's new weights."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class Rollout:
+    prompt: np.ndarray  # int32 prompt ids
+    tokens: np.ndarray  # int32 response ids, cut after the stop token / at max_new_tokens
+    step_map: np.ndarray  # int32, SPEC §2 counting rule
+    logprobs: np.ndarray | None  # engine's raw log-probs at the committing forward (SPEC §2)
+    tail_tokens: np.ndarray | None  # tokens after the cut up to the end of its block (None: unknown)
+    tail_steps: np.ndarray | None
+    finish_reason: str  # "stop" | "length"
+    text: str = ""
+    num_forwards: int = 0  # model forwards that processed this sequence (0: not reported by the engine)
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason == "length"
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return len(self.step_map) / max(len(set(self.step_map.tolist())), 1)
+
+    @property
+    def tail(self) -> tuple[np.ndarray, np.ndarray] | None:
+        return None if self.tail_tokens is None else (self.tail_tokens, self.tail_steps)
+
+
+class RolloutBackend(abc.ABC):
+    @abc.abstractmethod
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, *, seed: int) -> list[list[Rollout]]:
+        """`n` rollouts per prompt, grouped by prompt, in prompt order."""
+
+    @abc.abstractmethod
+    def update_params(self, params) -> None:
+        """Use these policy parameters (an nnx.State of the trainer's model) from now on."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass

@@ -1,0 +1,12 @@
+"""Block-diffusion sampling (SPEC §2): `BlockDiffusionSampler` under a `SamplerConfig`."""
+
+from gtpo_jax.sampling.sampler import (
+    STRATEGIES,
+    BlockDiffusionSampler,
+    SampleBatch,
+    SamplerConfig,
+    filter_scores,
+    select_slots,
+)
+
+__all__ = ["STRATEGIES", "BlockDiffusionSampler", "SampleBatch", "SamplerConfig", "filter_scores", "select_slots"]
