@@ -1,0 +1,218 @@
+"""Stage 2: GTPO — rollouts, rewards, DAPO filtering, advantages, trajectory objective (SPEC §5)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gtpo_jax.config import Config
+from gtpo_jax.rollout.base import Rollout
+from gtpo_jax.trainers.batching import split_evenly
+from gtpo_jax.trainers.dapo import dynamic_sample
+from gtpo_jax.trainers.gtpo_objective import ScoredRollout, build_gtpo_batch, group_advantages, gtpo_loss_fn
+from gtpo_jax.trajectory import token_logprobs
+
+log = logging.getLogger("gtpo_jax")
+
+
+@dataclasses.dataclass
+class ScoredGroup:
+    question_index: int
+    rollouts: list[Rollout]
+    rewards: np.ndarray  # [n] total reward
+    correct: np.ndarray  # [n] bool
+    reward_parts: dict[str, np.ndarray]
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.correct.mean())
+
+
+def gtpo_row_len(cfg: Config, prompt_len: int) -> int:
+    """Clean prompt + response, plus at most B copies of B slots per response block."""
+    b = cfg.block_size
+    response_blocks = cfg.rollout.max_new_tokens // b + 2
+    return -(-(prompt_len + cfg.rollout.max_new_tokens + response_blocks * b * b) // 128) * 128
+
+
+def run_gtpo(cfg: Config) -> dict:
+    from gtpo_jax.rewards import Grader, RewardInput, compute_rewards
+    from gtpo_jax.rollout import make_rollout_backend
+    from gtpo_jax.checkpoint import param_tree
+    from gtpo_jax.trainers.session import TrainingSession
+    from gtpo_jax.data.pipeline import RLPromptSource
+
+    session = TrainingSession(cfg, make_data=lambda s: RLPromptSource.from_files(
+        cfg.data.train_files, s.tokenizer, seed=cfg.data.shuffle_seed, think=cfg.data.think))
+    g = cfg.gtpo
+    prompts = session.data
+    use_old = g.num_iterations > 1
+    session.compile_step(gtpo_loss_fn(eps_low=g.eps_low, eps_high=g.eps_high, beta=g.beta,
+                                      use_old_logprobs=use_old, tis_cap=g.tis_cap,
+                                      vocab_chunk=cfg.train.vocab_chunk))
+    start = session.restore_or_init()
+    prompts.set_state(session.extra_state.get("prompt_cursor", prompts.get_state()))
+    reference = None
+    if g.beta > 0:
+        # θ_ref is the starting policy, frozen: a copy, since the live parameters are donated to
+        # every update. A resumed run restores the one it started with.
+        reference = jax.tree.map(jnp.copy, session.params)
+        if start and session.extra_state.get("has_reference"):
+            stored = session.checkpointer.restore_extra(start, "reference", param_tree(reference))
+            nnx.replace_by_pure_dict(reference, stored)
+        session.extra_arrays["reference"] = param_tree(reference)
+    backend = make_rollout_backend(cfg, session)
+    grader = Grader(num_workers=g.grader_workers, timeout_s=g.grader_timeout_s)
+    session.evaluate_if_due(start, force=start == 0, label="before")
+    last: dict = {}
+    try:
+        for step in session.progress(start, cfg.train.steps):
+            t0 = time.perf_counter()
+            backend.update_params(session.params)
+            rng = np.random.default_rng([cfg.train.seed, step])
+            timing = {"rollout_s": 0.0, "scoring_s": 0.0}
+            drawn: list[ScoredGroup] = []  # every scored group, kept or filtered
+
+            def rollout_and_score(batch):
+                t = time.perf_counter()
+                groups = backend.generate([p.prompt_ids for p in batch], g.num_response_per_task,
+                                          seed=int(rng.integers(2**31)))
+                timing["rollout_s"] += time.perf_counter() - t
+                t = time.perf_counter()
+                flat = [r for group in groups for r in group]
+                inputs = [
+                    RewardInput(text=r.text, ground_truth=p.ground_truth, num_tokens=len(r.tokens),
+                                truncated=r.truncated, step_map=r.step_map, block_size=cfg.block_size,
+                                max_new_tokens=cfg.rollout.max_new_tokens)
+                    for p, group in zip(batch, groups) for r in group
+                ]
+                total, parts, reward_metrics = compute_rewards(inputs, g.rewards, grader, need_correct=True,
+                                                               **g.reward_params)
+                timing["scoring_s"] += time.perf_counter() - t
+                timing.setdefault("reward_metrics", []).append(reward_metrics)
+                n = g.num_response_per_task
+                correct = reward_metrics["correct"]  # DAPO filters on accuracy whatever the reward weights
+                scored = [
+                    ScoredGroup(p.index, flat[i * n : (i + 1) * n], total[i * n : (i + 1) * n],
+                                np.asarray(correct[i * n : (i + 1) * n]) > 0,
+                                {k: v[i * n : (i + 1) * n] for k, v in parts.items()})
+                    for i, p in enumerate(batch)
+                ]
+                drawn.extend(scored)
+                return scored
+
+            sampled = dynamic_sample(
+                prompts.draw, rollout_and_score, lambda grp: grp.accuracy, num_groups=g.num_task_per_step,
+                oversample=g.oversample, rng=rng, enabled=g.dynamic_sampling,
+            )
+            # The policy's performance is measured on everything it generated this step; the
+            # kept groups (0 < accuracy < 1) would bias it towards 50%.
+            metrics = rollout_metrics(drawn, cfg)
+            metrics.update({f"kept/{k}": v for k, v in rollout_metrics(sampled.groups, cfg).items()
+                            if k in ("reward_mean", "accuracy", "response_len")})
+            metrics.update(sum_counts(timing.pop("reward_metrics", [])))
+            metrics.update(sampled.counts.as_metrics())
+            metrics.update({k: v for k, v in timing.items() if k.endswith("_s")})
+            session.extra_state = {"prompt_cursor": prompts.get_state(), "has_reference": reference is not None}
+            if not sampled.groups:
+                log.warning("step %d: no group with mixed accuracy; no update this step", step)
+                last = session.finish_step(step, metrics, keys=["reward_mean", "accuracy"])
+                continue
+            t = time.perf_counter()
+            metrics.update(update_policy(session, sampled.groups, cfg, reference))
+            metrics["update_s"] = time.perf_counter() - t
+            metrics["step_s"] = time.perf_counter() - t0
+            last = session.finish_step(step, metrics,
+                                       keys=["reward_mean", "accuracy", "tokens_per_forward", "response_len",
+                                             "loss", "rollout_s", "update_s"])
+    finally:
+        grader.close()
+        backend.close()
+    return session.close(last)
+
+
+def sum_counts(reward_metrics: list[dict]) -> dict:
+    """Grader status counts (ok / no_answer / timeout / error) of one step's reward calls, summed."""
+    out: dict = {}
+    for m in reward_metrics:
+        for k, v in m.items():
+            if k.startswith("grader/"):
+                out[k] = out.get(k, 0) + int(v)
+    return out
+
+
+def rollout_metrics(groups: list[ScoredGroup], cfg: Config) -> dict:
+    if not groups:
+        return {}
+    rollouts = [r for grp in groups for r in grp.rollouts]
+    rewards = np.concatenate([grp.rewards for grp in groups])
+    out = {
+        "reward_mean": float(rewards.mean()),
+        "reward_std": float(rewards.std()),
+        "accuracy": float(np.mean([grp.accuracy for grp in groups])),
+        "response_len": float(np.mean([len(r.tokens) for r in rollouts])),
+        "truncation_rate": float(np.mean([r.truncated for r in rollouts])),
+        "tokens_per_forward": float(np.mean([r.tokens_per_forward for r in rollouts])),
+    }
+    for name in groups[0].reward_parts:
+        out[f"reward/{name}"] = float(np.concatenate([grp.reward_parts[name] for grp in groups]).mean())
+    return out
+
+
+def update_policy(session, groups: list[ScoredGroup], cfg: Config, reference) -> dict:
+    """One optimizer step per mini-batch, `num_iterations` passes (SPEC §5.4–§5.5)."""
+    g = cfg.gtpo
+    advantages = group_advantages(np.stack([grp.rewards for grp in groups]))
+    scored = [
+        ScoredRollout(prompt=r.prompt, response=r.tokens, step_map=r.step_map, advantage=float(a), tail=r.tail,
+                      rollout_logprobs=r.logprobs)
+        for grp, adv in zip(groups, advantages) for r, a in zip(grp.rollouts, adv)
+        if len(r.tokens)
+    ]
+
+    def score(params) -> list[np.ndarray]:
+        model = nnx.merge(session.graphdef, params)
+        return token_logprobs(model, [s.prompt for s in scored], [s.response for s in scored],
+                              [s.step_map for s in scored], block_size=cfg.block_size, mask_id=session.mask_id,
+                              tails=[s.tail or ([], []) for s in scored], shrink=g.shrink)
+
+    if g.num_iterations > 1:
+        for s, lp in zip(scored, score(session.params)):
+            s.old_logprobs = lp
+    if reference is not None:
+        for s, lp in zip(scored, score(reference)):
+            s.ref_logprobs = lp
+    row_len = gtpo_row_len(cfg, max(len(s.prompt) for s in scored))
+    sums: dict[str, float] = {}
+    for _ in range(g.num_iterations):
+        for mini in split_evenly(scored, g.mini_batches):
+            arrays, _ = build_gtpo_batch(
+                mini, block_size=cfg.block_size, mask_id=session.mask_id, shrink=g.shrink, loss_norm=g.loss_norm,
+                micro_batches=min(cfg.train.micro_batches, len(mini)), row_len=row_len,
+                vocab_chunk=cfg.train.vocab_chunk, rows_multiple=session.data_parallel,
+            )
+            m = session.update(arrays)
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + v if not k.endswith(("_max", "_min")) else v
+    tokens = max(sums.get("tokens", 0.0), 1.0)
+    updates = g.num_iterations * g.mini_batches
+    return {
+        "loss": sums["loss"] / updates,
+        "grad_norm": sums["grad_norm"] / updates,
+        "lr": sums["lr"] / updates,
+        "skipped": sums["skipped"],
+        "ratio_mean": sums["ratio_sum"] / tokens,
+        "ratio_max": sums["ratio_max"],
+        "ratio_min": sums["ratio_min"],
+        "clip_fraction": sums["clipped_sum"] / tokens,
+        "kl": sums["k3_sum"] / tokens,
+        "train_rollout_logprob_abs_diff": sums["rollout_abs_diff_sum"] / tokens
+        if any(s.rollout_logprobs is not None for s in scored) else float("nan"),
+        "trained_tokens": sums["tokens"] / updates,
+    }
