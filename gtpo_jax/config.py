@@ -172,7 +172,9 @@ class Config:
             problems.append(
                 f"masking needs 0 <= lower_p <= upper_p <= 1, got {self.masking.lower_p}, {self.masking.upper_p}"
             )
-        if self.train.micro_batches < 1 or self.train.batch_size % self.train.micro_batches:
+        if self.train.micro_batches < 1:
+            problems.append(f"train.micro_batches must be >= 1, got {self.train.micro_batches}")
+        elif self.stage == "sft" and self.train.batch_size % self.train.micro_batches:
             problems.append(
                 f"train.batch_size ({self.train.batch_size}) must be a multiple of train.micro_batches "
                 f"({self.train.micro_batches})"
