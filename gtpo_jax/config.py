@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, Optional
 
+from gtpo_jax.distributed import DistributedSection
+
 
 @dataclasses.dataclass
 class ModelSection:
@@ -132,6 +134,9 @@ class GTPOSection:
     mini_batches: int = 1
     tis_cap: float = 0.0  # truncated importance weight cap C; 0 = off
     rewards: dict = dataclasses.field(default_factory=lambda: {"accuracy": 1.0})
+    # Modules imported before training; they register custom rewards with
+    # `gtpo_jax.rewards.register_reward` (every process imports them).
+    reward_modules: list[str] = dataclasses.field(default_factory=list)
     reward_params: dict = dataclasses.field(default_factory=dict)
     grader_workers: int = 2
     grader_timeout_s: float = 10.0
@@ -162,6 +167,7 @@ class Config:
     rollout: RolloutSection = dataclasses.field(default_factory=RolloutSection)
     gtpo: GTPOSection = dataclasses.field(default_factory=GTPOSection)
     eval: EvalSection = dataclasses.field(default_factory=EvalSection)
+    distributed: DistributedSection = dataclasses.field(default_factory=DistributedSection)
 
     def validate(self) -> None:
         """Cross-field checks that must fail before any work starts."""

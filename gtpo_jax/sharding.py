@@ -100,11 +100,39 @@ def param_shardings(model: nnx.Module, mesh: Mesh, rules=None):
     return jax.tree.map(to_sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def put_global(x, sharding: NamedSharding) -> jax.Array:
+    """A global array from a host value that every process holds in full: each process places
+    only the pieces its own devices hold (one process: a plain device_put)."""
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def to_host(tree):
+    """numpy copies of a pytree of (possibly multi-process) arrays, on every process."""
+
+    def fetch(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(fetch, tree)
+
+
 def shard_model(model: nnx.Module, mesh: Mesh, rules=None) -> nnx.Module:
-    """Place the model's parameters on the mesh (in place) and return it."""
+    """Place the model's parameters on the mesh (in place) and return it. With several
+    processes every one must hold the same values (a seeded init or the same checkpoint)."""
     state = nnx.state(model, nnx.Param)
     shardings = param_shardings(model, mesh, rules)
-    nnx.update(model, jax.device_put(state, shardings))
+    if jax.process_count() == 1:
+        placed = jax.device_put(state, shardings)
+    else:
+        placed = jax.tree.map(lambda v, s: v.replace(put_global(to_host(v.get_value()), s)), state, shardings,
+                              is_leaf=lambda x: isinstance(x, nnx.Variable))
+    nnx.update(model, placed)
     return model
 
 
@@ -127,7 +155,7 @@ def shard_batch(batch, mesh: Mesh):
                 f"batch dimension {x.shape[0]} is not divisible by the data-parallel size {n} (data×fsdp); "
                 "choose a batch size that is a multiple of it"
             )
-        return jax.device_put(x, batch_sharding(mesh, x.ndim))
+        return put_global(x, batch_sharding(mesh, x.ndim))
 
     return jax.tree.map(put, batch)
 
@@ -142,7 +170,7 @@ def shard_micro_batches(arrays: dict, mesh: Mesh) -> dict:
         if x.ndim == 3:
             if x.shape[1] % n:
                 raise ValueError(f"{name}: {x.shape[1]} rows are not divisible by the data-parallel size {n}")
-            out[name] = jax.device_put(x, NamedSharding(mesh, P(None, BATCH_AXES, None)))
+            out[name] = put_global(x, NamedSharding(mesh, P(None, BATCH_AXES, None)))
         else:
-            out[name] = jax.device_put(x, NamedSharding(mesh, P()))
+            out[name] = put_global(x, NamedSharding(mesh, P()))
     return out

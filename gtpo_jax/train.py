@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from gtpo_jax.distributed import initialize
+
+    initialize(cfg.distributed)  # before any JAX computation
     if cfg.stage == "sft":
         from gtpo_jax.trainers.sft import run_sft
 

@@ -8,7 +8,6 @@ import logging
 from typing import Iterator, Sequence
 
 import grain
-import jax
 import numpy as np
 
 from gtpo_jax.data.records import RecordError, RLQuestion, SFTRecord, read_rl_records, read_sft_records
@@ -30,6 +29,12 @@ class SFTData:
     Over-length samples (prompt + response > max_len) are truncated (response cut) or skipped
     per `over_length`; a prompt that alone exceeds max_len is an error unless
     `prompt_too_long == "skip"`. Every truncation and skip is counted in the batch stats.
+
+    In a multi-process run every process reads the same global stream (shard 0 of 1, the
+    default), so that all of them build the same global batch, each feeding only its devices'
+    rows, and one iterator state (process 0's, in the checkpoint) resumes them all; the data order
+    is then the same for any number of processes. `shard_index/shard_count` split the records
+    for jobs that really are independent per host.
     """
 
     def __init__(
@@ -42,13 +47,11 @@ class SFTData:
         prompt_too_long: str = "error",
         seed: int = 0,
         epochs: int = 0,
-        shard_index: int | None = None,
-        shard_count: int | None = None,
+        shard_index: int = 0,
+        shard_count: int = 1,
     ):
         records: list[SFTRecord] = [r for f in files for r in read_sft_records(f)]
         self.num_records = len(records)
-        shard_index = jax.process_index() if shard_index is None else shard_index
-        shard_count = jax.process_count() if shard_count is None else shard_count
         self.tokenizer, self.max_len = tokenizer, max_len
         self.over_length, self.prompt_too_long = over_length, prompt_too_long
         ds = grain.MapDataset.source(records)[shard_index::shard_count]

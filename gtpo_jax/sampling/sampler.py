@@ -35,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gtpo_jax.model import KVContext, LayerKV, SDARModel, TokenLayout
 from gtpo_jax.rollout.base import Rollout
-from gtpo_jax.sharding import BATCH_AXES
+from gtpo_jax.sharding import BATCH_AXES, to_host
 
 log = logging.getLogger("gtpo_jax")
 
@@ -373,7 +373,7 @@ class BlockDiffusionSampler:
             from gtpo_jax.sharding import shard_batch
 
             args = shard_batch(args, self.mesh)
-        out = jax.device_get(_generate_jit(graphdef, params, *args, knobs, st=st))
+        out = to_host(_generate_jit(graphdef, params, *args, knobs, st=st))
         if not out["done"][:n].all():
             raise RuntimeError("sampler loop ended before every sequence finished (internal error)")
         result = SampleBatch([], [], [], [], [], [], [], [])

@@ -12,6 +12,7 @@ import numpy as np
 from flax import nnx
 
 from gtpo_jax.config import Config
+from gtpo_jax.distributed import broadcast_from_first
 from gtpo_jax.rollout.base import Rollout
 from gtpo_jax.trainers.batching import split_evenly
 from gtpo_jax.trainers.dapo import dynamic_sample
@@ -48,6 +49,7 @@ def run_gtpo(cfg: Config) -> dict:
     from gtpo_jax.trainers.session import TrainingSession
     from gtpo_jax.data.pipeline import RLPromptSource
 
+    import_reward_modules(cfg.gtpo.reward_modules)
     session = TrainingSession(cfg, make_data=lambda s: RLPromptSource.from_files(
         cfg.data.train_files, s.tokenizer, seed=cfg.data.shuffle_seed, think=cfg.data.think))
     g = cfg.gtpo
@@ -94,10 +96,12 @@ def run_gtpo(cfg: Config) -> dict:
                 ]
                 total, parts, reward_metrics = compute_rewards(inputs, g.rewards, grader, need_correct=True,
                                                                **g.reward_params)
+                # Grader time-outs may differ between processes; all must train on the same rewards.
+                total, correct = broadcast_from_first((np.asarray(total, np.float32),
+                                                       np.asarray(reward_metrics["correct"], bool)))
                 timing["scoring_s"] += time.perf_counter() - t
                 timing.setdefault("reward_metrics", []).append(reward_metrics)
                 n = g.num_response_per_task
-                correct = reward_metrics["correct"]  # DAPO filters on accuracy whatever the reward weights
                 scored = [
                     ScoredGroup(p.index, flat[i * n : (i + 1) * n], total[i * n : (i + 1) * n],
                                 np.asarray(correct[i * n : (i + 1) * n]) > 0,
@@ -135,6 +139,17 @@ def run_gtpo(cfg: Config) -> dict:
         grader.close()
         backend.close()
     return session.close(last)
+
+
+def import_reward_modules(names: list[str]) -> None:
+    import importlib
+
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ImportError(f"gtpo.reward_modules: cannot import {name!r} ({e}); it must be importable "
+                              "(installed, or on PYTHONPATH)") from None
 
 
 def sum_counts(reward_metrics: list[dict]) -> dict:

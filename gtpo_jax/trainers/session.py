@@ -17,7 +17,7 @@ from tqdm import tqdm
 from gtpo_jax.config import Config
 from gtpo_jax.config_loader import dump_yaml
 from gtpo_jax.metrics import MetricsWriter, format_line
-from gtpo_jax.sharding import MeshConfig, build_mesh, shard_micro_batches, shard_model
+from gtpo_jax.sharding import MeshConfig, build_mesh, shard_micro_batches, shard_model, to_host
 from gtpo_jax.trainers.common import BadStepGuard, build_model, make_optimizer, make_update_step
 
 log = logging.getLogger("gtpo_jax")
@@ -28,6 +28,8 @@ def setup_logging() -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "jax._src", "orbax", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if jax.process_index() != 0:  # every process runs the same loop: one voice is enough
+        log.setLevel(logging.WARNING)
 
 
 def replicate_unsharded(tree, mesh):
@@ -186,7 +188,7 @@ class TrainingSession:
         self._data_state = data_state
         self.guard.check(step, metrics)
         self.metrics.write(step, metrics)
-        if step % self.cfg.train.log_every == 0 or step == self._total:
+        if jax.process_index() == 0 and (step % self.cfg.train.log_every == 0 or step == self._total):
             self._bar.write(format_line(step, self._total, metrics, keys))
         self._bar.set_postfix({k: metrics[k] for k in keys[:2] if k in metrics})
         self.save(step, data_state=data_state)
@@ -206,18 +208,32 @@ class TrainingSession:
         log.info("held-out accuracy (%s): %.1f%% over %d samples", label, 100 * result["accuracy"], result["samples"])
         return result
 
+    def export_hf(self, out_dir: str) -> None:
+        """Write the live policy as an HF directory (config.json and tokenizer from the run's
+        hf_assets). Parameters are gathered one tensor at a time on every process (a collective
+        when they are sharded across processes); process 0 writes."""
+        from gtpo_jax.checkpoint import param_tree
+        from gtpo_jax.hf_io import read_hf_config, write_hf_dir
+        from gtpo_jax.model.params import iter_nested
+
+        tensors = ((path, to_host(array)) for path, array in iter_nested(param_tree(self.params)))
+        if jax.process_index() != 0:
+            for _ in tensors:  # take part in the gathers
+                pass
+            return
+        assets = self.checkpointer.hf_assets_dir
+        write_hf_dir(tensors, self.model_cfg, out_dir, dtype=self.cfg.checkpoint.export_dtype,
+                     source_config=read_hf_config(assets), assets_dir=assets)
+        log.info("exported the final model to %s", out_dir)
+
     def close(self, last_metrics: dict) -> dict:
         step = self.step
         if step and self.checkpointer.latest_step() != step:
             self.save(step, force=True, data_state=self._data_state)
         self.checkpointer.wait()
         self.evaluate_if_due(step, force=True, label="after")
-        if self.cfg.checkpoint.export_hf and jax.process_index() == 0:
-            from gtpo_jax.checkpoint import orbax_to_hf
-
-            out = os.path.join(self.cfg.output_dir, "hf")
-            orbax_to_hf(self.checkpointer.directory, out, dtype=self.cfg.checkpoint.export_dtype)
-            log.info("exported the final model to %s", out)
+        if self.cfg.checkpoint.export_hf:
+            self.export_hf(os.path.join(self.cfg.output_dir, "hf"))
         self.metrics.close()
         self.checkpointer.close()
         return {"metrics": last_metrics, "eval": self.eval_results}
