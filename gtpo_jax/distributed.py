@@ -33,6 +33,7 @@ class DistributedSection:
     heartbeat_timeout_s: int = 60
 
 
+_barriers = 0
 ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
@@ -77,6 +78,19 @@ def initialize(section: DistributedSection) -> bool:
     log.info("process %d of %d: %d local devices, %d global", jax.process_index(), jax.process_count(),
              jax.local_device_count(), jax.device_count())
     return True
+
+
+def barrier(name: str, timeout_s: float = 600.0) -> None:
+    """Wait until every process gets here (no-op with one). It uses the coordination service, not
+    a device collective: CPU (gloo) collectives give up when processes arrive more than 30 s
+    apart, which uneven host work (process 0 writing shared files, slow start-up) can exceed."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jax_distributed
+
+    global _barriers
+    _barriers += 1  # every process passes the same barriers in the same order: unique, agreed ids
+    jax_distributed.global_state.client.wait_at_barrier(f"gtpo_jax:{_barriers}:{name}", int(timeout_s * 1000))
 
 
 def broadcast_from_first(tree):

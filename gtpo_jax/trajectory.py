@@ -11,6 +11,7 @@ from flax import nnx
 from gtpo_jax.layout import PackedBatch, pack, trajectory_layout
 from gtpo_jax.losses import target_logprobs
 from gtpo_jax.model import SDARModel
+from gtpo_jax.sharding import to_host
 
 
 @nnx.jit(static_argnames=("vocab_chunk",))
@@ -80,5 +81,5 @@ def token_logprobs(
         prompts, responses, step_maps, block_size=block_size, mask_id=mask_id, tails=tails, shrink=shrink, row_len=row_len
     )
     inputs = jax.tree.map(np.asarray, batch.model_inputs())
-    values = np.asarray(_jitted_target_logprobs(model, inputs, 256))
+    values = to_host(_jitted_target_logprobs(model, inputs, 256))  # also when params span processes
     return split_by_sample(values, batch)

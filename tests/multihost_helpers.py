@@ -1,4 +1,5 @@
-"""Imported by the multi-process test runs (PYTHONPATH=tests): a custom reward, and a way to die."""
+"""Test helpers shared by in-process and multi-process runs (PYTHONPATH=tests): a custom
+reward, and a way for one process to die."""
 
 from __future__ import annotations
 

@@ -10,17 +10,11 @@ import pytest
 
 from gtpo_jax.config import Config
 from gtpo_jax.config_loader import load_config
-from gtpo_jax.rewards import register_reward
+import multihost_helpers  # noqa: F401  (registers the digit_fraction reward)
 from gtpo_jax.trainers import session as session_module
 from gtpo_jax.trainers.gtpo import run_gtpo
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "gtpo_tiny.yaml")
-
-
-@register_reward("digit_fraction", replace=True)
-def digit_fraction(inp, correct, params) -> float:
-    """Share of digits in the response text: varies between random rollouts, and is learnable."""
-    return sum(c.isdigit() for c in inp.text) / max(len(inp.text), 1)
 
 
 def tiny_overrides(out_dir, **extra) -> list[str]:

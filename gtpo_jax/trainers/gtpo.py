@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from gtpo_jax.config import Config
-from gtpo_jax.distributed import broadcast_from_first
+from gtpo_jax.distributed import barrier, broadcast_from_first
 from gtpo_jax.rollout.base import Rollout
 from gtpo_jax.trainers.batching import split_evenly
 from gtpo_jax.trainers.dapo import dynamic_sample
@@ -97,6 +97,7 @@ def run_gtpo(cfg: Config) -> dict:
                 total, parts, reward_metrics = compute_rewards(inputs, g.rewards, grader, need_correct=True,
                                                                **g.reward_params)
                 # Grader time-outs may differ between processes; all must train on the same rewards.
+                barrier("rewards")
                 total, correct = broadcast_from_first((np.asarray(total, np.float32),
                                                        np.asarray(reward_metrics["correct"], bool)))
                 timing["scoring_s"] += time.perf_counter() - t

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from gtpo_jax.config import Config
 from gtpo_jax.config_loader import dump_yaml
+from gtpo_jax.distributed import barrier
 from gtpo_jax.metrics import MetricsWriter, format_line
 from gtpo_jax.sharding import MeshConfig, build_mesh, shard_micro_batches, shard_model, to_host
 from gtpo_jax.trainers.common import BadStepGuard, build_model, make_optimizer, make_update_step
@@ -58,7 +59,12 @@ class TrainingSession:
         with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
             f.write(dump_yaml(cfg))
         if cfg.data.synthetic:
-            self._prepare_synthetic_task()
+            # Process 0 writes the task files and the tokenizer; the others then find them.
+            if jax.process_index() == 0:
+                self._prepare_synthetic_task()
+            barrier("synthetic task written")
+            if jax.process_index() != 0:
+                self._prepare_synthetic_task()
         tok_dir = self._tokenizer_dir()
         self.tokenizer_dir = tok_dir
         self.tokenizer = load_tokenizer(tok_dir)
@@ -67,6 +73,7 @@ class TrainingSession:
         self.stop_ids = stop_token_ids(self.tokenizer)
         self.data = make_data(self) if make_data is not None else None
         model = build_model(cfg, vocab_size=len(self.tokenizer))
+        barrier("model built")  # before the first collective
         self.model_cfg = model.cfg
         self.mesh = build_mesh(MeshConfig(**dataclasses.asdict(cfg.mesh)))
         self.data_parallel = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
@@ -201,6 +208,7 @@ class TrainingSession:
             return None
         from gtpo_jax.evaluate import evaluate_model
 
+        barrier(f"evaluate {step}")
         result = evaluate_model(self.model(), self.tokenizer, self.cfg, mesh=self.mesh)
         label = label or f"step {step}"
         self.eval_results[label] = result
@@ -216,6 +224,7 @@ class TrainingSession:
         from gtpo_jax.hf_io import read_hf_config, write_hf_dir
         from gtpo_jax.model.params import iter_nested
 
+        barrier("export")
         tensors = ((path, to_host(array)) for path, array in iter_nested(param_tree(self.params)))
         if jax.process_index() != 0:
             for _ in tensors:  # take part in the gathers
