@@ -122,6 +122,17 @@ def to_host(tree):
     return jax.tree.map(fetch, tree)
 
 
+def replicate_unsharded(tree, mesh: Mesh):
+    """Place leaves that live on one device (e.g. the optimizer's step count) replicated on the
+    mesh, so that a restore, which follows these shardings, never mixes device sets."""
+    replicated = NamedSharding(mesh, P())
+
+    def place(x):
+        return x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated)
+
+    return jax.tree.map(place, tree)
+
+
 def shard_model(model: nnx.Module, mesh: Mesh, rules=None) -> nnx.Module:
     """Place the model's parameters on the mesh (in place) and return it. With several
     processes every one must hold the same values (a seeded init or the same checkpoint)."""

@@ -71,6 +71,17 @@ def block_causal_additive_mask(length: int, block_size: int, segments=None):
     return np.where(visible, 0.0, -np.inf).astype(np.float32)
 
 
+def metrics_by_step(out_dir) -> dict[int, dict]:
+    """A run's metrics.jsonl as {step: record}. Records of one step are merged, later values
+    winning: a step logged before a crash and again after the resume keeps the resumed values."""
+    out: dict[int, dict] = {}
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        for line in f:
+            rec = json.loads(line)
+            out.setdefault(rec["step"], {}).update(rec)
+    return out
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import pytest
 
+from conftest import metrics_by_step
 from gtpo_jax.config import Config
 from gtpo_jax.config_loader import load_config
 import multihost_helpers  # noqa: F401  (registers the digit_fraction reward)
@@ -40,22 +40,13 @@ def tiny_overrides(out_dir, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def step_records(out_dir) -> dict[int, dict]:
-    out = {}
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        for line in f:
-            rec = json.loads(line)
-            out[rec["step"]] = rec  # a step logged before a crash and after the resume keeps the last
-    return out
-
-
 class Crash(RuntimeError):
     pass
 
 
 def test_gtpo_runs_and_resumes_exactly(tmp_path, monkeypatch):
     run_gtpo(load_config(Config, CONFIG, tiny_overrides(tmp_path / "full")))
-    full = step_records(tmp_path / "full")
+    full = metrics_by_step(tmp_path / "full")
     assert sorted(full) == [1, 2, 3, 4]
     for rec in full.values():
         for key in ("reward_mean", "accuracy", "response_len", "tokens_per_forward", "loss", "grad_norm",
@@ -80,7 +71,7 @@ def test_gtpo_runs_and_resumes_exactly(tmp_path, monkeypatch):
         run_gtpo(load_config(Config, CONFIG, tiny_overrides(tmp_path / "resumed")))
     monkeypatch.setattr(session_module.TrainingSession, "update", original)
     run_gtpo(load_config(Config, CONFIG, tiny_overrides(tmp_path / "resumed")))
-    resumed = step_records(tmp_path / "resumed")
+    resumed = metrics_by_step(tmp_path / "resumed")
     for step in (1, 2, 3, 4):  # same prompts drawn, same rollouts, same updates
         for key in ("loss", "reward_mean", "response_len"):
             assert abs(resumed[step][key] - full[step][key]) <= 1e-6, (step, key)
@@ -92,7 +83,7 @@ def test_gtpo_kl_iterations_minibatches_tis(tmp_path):
     overrides = tiny_overrides(tmp_path, **{"train.steps": 2, "gtpo.beta": 0.1, "gtpo.num_iterations": 2,
                                             "gtpo.mini_batches": 2, "gtpo.tis_cap": 2.0})
     run_gtpo(load_config(Config, CONFIG, overrides))
-    recs = step_records(tmp_path)
+    recs = metrics_by_step(tmp_path)
     assert sorted(recs) == [1, 2]
     assert recs[1]["kl"] >= 0 and recs[2]["kl"] > 0  # the policy left the reference after step 1
     assert recs[2]["ratio_max"] != pytest.approx(1.0) or recs[2]["ratio_min"] != pytest.approx(1.0)

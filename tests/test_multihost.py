@@ -3,7 +3,6 @@ what one process computes: 2 processes × 4 devices against 1 process × 8 devic
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -11,6 +10,8 @@ import sys
 import time
 
 import pytest
+
+from conftest import metrics_by_step
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 LAUNCH = os.path.join(ROOT, "scripts", "launch_local.py")
@@ -40,15 +41,6 @@ def run(nproc: int, out_dir, args: list[str], entry: list[str] | None = None, ti
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def records(out_dir) -> dict[int, dict]:
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        out = {}
-        for line in f:
-            rec = json.loads(line)
-            out[rec["step"]] = rec  # a step logged before a crash and after the resume keeps the last
-        return out
-
-
 def assert_same_steps(got: dict, want: dict, steps, keys):
     for step in steps:
         for key in keys:
@@ -62,21 +54,21 @@ def ok(result):
 def test_sft_two_processes_equal_one_and_checkpoints_cross_topologies(tmp_path):
     ref = tmp_path / "one"
     ok(run(1, ref, SFT + ["train.steps=4"]))
-    want = records(ref)
+    want = metrics_by_step(ref)
     # 2 processes, steps 1-2: same losses (same data order, same masks) as 1 process
     two = tmp_path / "two"
     ok(run(2, two, SFT + ["train.steps=2"]))
-    assert sorted(records(two)) == [1, 2]
-    assert_same_steps(records(two), want, [1, 2], ["loss", "grad_norm", "masked_tokens"])
+    assert sorted(metrics_by_step(two)) == [1, 2]
+    assert_same_steps(metrics_by_step(two), want, [1, 2], ["loss", "grad_norm", "masked_tokens"])
     # ... its checkpoint restores in 1 process, which continues exactly
     ok(run(1, two, SFT + ["train.steps=4"]))
-    assert_same_steps(records(two), want, [3, 4], ["loss", "grad_norm"])
+    assert_same_steps(metrics_by_step(two), want, [3, 4], ["loss", "grad_norm"])
     # and a 1-process checkpoint restores in 2 processes
     back = tmp_path / "back"
     shutil.copytree(ref, back)
     shutil.rmtree(back / "checkpoints" / "4")
     ok(run(2, back, SFT + ["train.steps=4"]))
-    assert_same_steps(records(back), want, [3, 4], ["loss", "grad_norm"])
+    assert_same_steps(metrics_by_step(back), want, [3, 4], ["loss", "grad_norm"])
     # the final model was written once, as an HF directory
     assert sorted(os.listdir(two / "hf")) == sorted(os.listdir(ref / "hf"))
 
@@ -84,7 +76,7 @@ def test_sft_two_processes_equal_one_and_checkpoints_cross_topologies(tmp_path):
 def test_gtpo_two_processes_equal_one(tmp_path):
     ok(run(1, tmp_path / "one", GTPO + ["train.steps=2"]))
     ok(run(2, tmp_path / "two", GTPO + ["train.steps=2"]))
-    one, two = records(tmp_path / "one"), records(tmp_path / "two")
+    one, two = metrics_by_step(tmp_path / "one"), metrics_by_step(tmp_path / "two")
     assert sorted(two) == [1, 2]
     assert any(one[s]["grad_norm"] > 0 for s in one)  # a real update happened
     assert_same_steps(two, one, [1, 2], ["loss", "grad_norm", "reward_mean", "response_len"])
@@ -101,8 +93,8 @@ def test_a_dead_process_fails_the_run_fast_and_it_resumes(tmp_path):
     # process 0 is stopped by the runtime's heartbeat, not by waiting forever
     assert "another task died" in result.stdout or "stopped sending heartbeats" in result.stdout, result.stdout[-3000:]
     assert elapsed < 200
-    assert sorted(records(out)) == [1, 2, 3]
+    assert sorted(metrics_by_step(out)) == [1, 2, 3]
     ok(run(2, out, SFT + ["train.steps=4", "checkpoint.export_hf=false"]))  # resumes from step 2
     ref = tmp_path / "ref"
     ok(run(1, ref, SFT + ["train.steps=4", "checkpoint.export_hf=false"]))
-    assert_same_steps(records(out), records(ref), [1, 2, 3, 4], ["loss", "grad_norm"])
+    assert_same_steps(metrics_by_step(out), metrics_by_step(ref), [1, 2, 3, 4], ["loss", "grad_norm"])

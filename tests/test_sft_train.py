@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 
+from conftest import metrics_by_step
 from gtpo_jax.config import Config
 from gtpo_jax.config_loader import ConfigError, load_config
 from gtpo_jax.data.records import RecordError
@@ -39,14 +40,7 @@ def tiny_overrides(out_dir, **extra) -> list[str]:
 
 
 def losses(out_dir) -> dict[int, float]:
-    """Per-step loss; a step logged twice (before a crash and after the resume) keeps the last."""
-    out = {}
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        for line in f:
-            rec = json.loads(line)
-            if "loss" in rec:
-                out[rec["step"]] = rec["loss"]
-    return out
+    return {step: rec["loss"] for step, rec in metrics_by_step(out_dir).items() if "loss" in rec}
 
 
 class Crash(RuntimeError):

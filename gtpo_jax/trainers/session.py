@@ -11,14 +11,13 @@ import time
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from gtpo_jax.config import Config
 from gtpo_jax.config_loader import dump_yaml
 from gtpo_jax.distributed import barrier
 from gtpo_jax.metrics import MetricsWriter, format_line
-from gtpo_jax.sharding import MeshConfig, build_mesh, shard_micro_batches, shard_model, to_host
+from gtpo_jax.sharding import MeshConfig, build_mesh, replicate_unsharded, shard_micro_batches, shard_model, to_host
 from gtpo_jax.trainers.common import BadStepGuard, build_model, make_optimizer, make_update_step
 
 log = logging.getLogger("gtpo_jax")
@@ -31,17 +30,6 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if jax.process_index() != 0:  # every process runs the same loop: one voice is enough
         log.setLevel(logging.WARNING)
-
-
-def replicate_unsharded(tree, mesh):
-    """Place leaves that live on one device (e.g. the optimizer's step count) replicated on the
-    mesh, so that a restore, which follows these shardings, never mixes device sets."""
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def place(x):
-        return x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated)
-
-    return jax.tree.map(place, tree)
 
 
 class TrainingSession:
