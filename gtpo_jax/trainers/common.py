@@ -120,7 +120,8 @@ class BadStepGuard:
         self.in_a_row = 0
 
     def check(self, step: int, metrics: dict) -> None:
-        if int(metrics["skipped"]):
+        # A step without an update (GTPO: no group kept) has no "skipped": nothing was non-finite.
+        if int(metrics.get("skipped", 0)):
             self.in_a_row += 1
             log.warning(
                 "step %d: non-finite loss (%s) or gradient norm (%s); update skipped (%d in a row)",
