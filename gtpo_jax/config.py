@@ -7,8 +7,11 @@ SPEC's bracketed values.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal, Optional
 
+from gtpo_jax.config_checks import range_problems
+from gtpo_jax.config_loader import ConfigError
 from gtpo_jax.distributed import DistributedSection
 
 
@@ -134,6 +137,8 @@ class GTPOSection:
     mini_batches: int = 1
     tis_cap: float = 0.0  # truncated importance weight cap C; 0 = off
     rewards: dict = dataclasses.field(default_factory=lambda: {"accuracy": 1.0})
+    # Weights must be >= 0 unless this is set: a minus sign is more often a typo than a penalty.
+    negative_reward_weights: bool = False
     # Modules imported before training; they register custom rewards with
     # `gtpo_jax.rewards.register_reward` (every process imports them).
     reward_modules: list[str] = dataclasses.field(default_factory=list)
@@ -170,17 +175,17 @@ class Config:
     distributed: DistributedSection = dataclasses.field(default_factory=DistributedSection)
 
     def validate(self) -> None:
-        """Cross-field checks that must fail before any work starts."""
-        problems = []
-        if self.block_size < 1:
-            problems.append(f"block_size must be >= 1, got {self.block_size}")
-        if not 0.0 <= self.masking.lower_p <= self.masking.upper_p <= 1.0:
-            problems.append(
-                f"masking needs 0 <= lower_p <= upper_p <= 1, got {self.masking.lower_p}, {self.masking.upper_p}"
-            )
-        if self.train.micro_batches < 1:
-            problems.append(f"train.micro_batches must be >= 1, got {self.train.micro_batches}")
-        elif self.stage == "sft" and self.train.batch_size % self.train.micro_batches:
+        """Every value in its allowed range, plus cross-field checks: fails before any work starts,
+        with one line that names each bad key (ConfigError, a ValueError)."""
+        problems = range_problems(self)
+        if self.masking.lower_p > self.masking.upper_p:
+            problems.append(f"masking.lower_p ({self.masking.lower_p}) must be <= masking.upper_p ({self.masking.upper_p})")
+        if self.rollout.min_new_tokens > self.rollout.max_new_tokens:
+            problems.append(f"rollout.min_new_tokens ({self.rollout.min_new_tokens}) must be <= "
+                            f"rollout.max_new_tokens ({self.rollout.max_new_tokens})")
+        if self.optim.schedule == "warmup_cosine" and self.optim.warmup_steps >= self.train.steps:
+            problems.append(f"optim.warmup_steps ({self.optim.warmup_steps}) must be < train.steps ({self.train.steps})")
+        if self.stage == "sft" and self.train.micro_batches >= 1 and self.train.batch_size % self.train.micro_batches:
             problems.append(
                 f"train.batch_size ({self.train.batch_size}) must be a multiple of train.micro_batches "
                 f"({self.train.micro_batches})"
@@ -188,12 +193,19 @@ class Config:
         if self.stage == "sft" and not (self.data.train_files or self.data.synthetic):
             problems.append("sft needs data.train_files (JSON/JSONL/Parquet) or data.synthetic=true")
         if self.stage == "gtpo":
-            g = self.gtpo
-            if g.num_response_per_task < 2:
-                problems.append("gtpo.num_response_per_task must be >= 2 (advantages are group-normalised)")
-            if g.num_iterations < 1 or g.mini_batches < 1 or g.shrink < 1 or g.oversample < 1:
-                problems.append("gtpo.num_iterations, mini_batches, shrink and oversample must be >= 1")
-            if not self.gtpo.rewards:
-                problems.append("gtpo.rewards must name at least one reward function")
+            problems.extend(reward_weight_problems(self.gtpo))
         if problems:
-            raise ValueError("invalid configuration:\n  - " + "\n  - ".join(problems))
+            raise ConfigError("invalid configuration: " + "; ".join(problems))
+
+
+def reward_weight_problems(g: GTPOSection) -> list[str]:
+    if not g.rewards:
+        return ["gtpo.rewards must name at least one reward function, e.g. {accuracy: 1.0}"]
+    problems = []
+    for name, weight in g.rewards.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            problems.append(f"gtpo.rewards.{name} must be a finite number, got {weight!r}")
+        elif weight < 0 and not g.negative_reward_weights:
+            problems.append(f"gtpo.rewards.{name} must be >= 0, got {weight} (a penalty needs "
+                            "gtpo.negative_reward_weights=true)")
+    return problems

@@ -20,7 +20,10 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
+from gtpo_jax.cli import one_line_errors
 from gtpo_jax.config import MeshSection, ModelSection, RolloutSection, TokenizerSection
+from gtpo_jax.config_checks import range_problems
+from gtpo_jax.config_loader import ConfigError
 
 log = logging.getLogger("gtpo_jax")
 
@@ -43,6 +46,17 @@ class EvalConfig:
     grader_workers: int = 2
     grader_timeout_s: float = 10.0
     backend_options: Optional[dict] = None
+
+    def validate(self) -> None:
+        """Every value in its allowed range (ConfigError naming each bad key), before any model loads."""
+        problems = range_problems(self)
+        if not self.datasets:
+            problems.append("datasets must name at least one dataset, e.g. {aime24: data/aime24.jsonl}")
+        if self.rollout.min_new_tokens > self.rollout.max_new_tokens:
+            problems.append(f"rollout.min_new_tokens ({self.rollout.min_new_tokens}) must be <= "
+                            f"rollout.max_new_tokens ({self.rollout.max_new_tokens})")
+        if problems:
+            raise ConfigError("invalid configuration: " + "; ".join(problems))
 
 
 def summarise(records: list[dict]) -> dict:
@@ -217,15 +231,19 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. n=4 max_questions=50")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
     setup_logging()
     try:
         cfg = load_config(EvalConfig, args.config, args.overrides)
+        cfg.validate()
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run_evaluation(cfg)
-    return 0
+    with one_line_errors(args.debug):
+        run_evaluation(cfg)
+        return 0
+    return 1  # one_line_errors printed the error
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from gtpo_jax.cli import one_line_errors
 from gtpo_jax.config import Config
 from gtpo_jax.config_loader import load_config
 
@@ -17,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", required=True, help="YAML file (see configs/)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-6 train.steps=10")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(Config, args.config, args.overrides)
@@ -24,6 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    with one_line_errors(args.debug):
+        return run(cfg)
+    return 1  # one_line_errors swallowed an error (it has printed it)
+
+
+def run(cfg: Config) -> int:
     from gtpo_jax.distributed import initialize
 
     initialize(cfg.distributed)  # before any JAX computation
