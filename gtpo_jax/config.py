@@ -123,6 +123,23 @@ class RolloutSection:
 
 
 @dataclasses.dataclass
+class GPUSection:
+    """How the trainer (JAX) and the LMDeploy engine share each node's GPUs (rollout.backend=lmdeploy;
+    `gtpo_jax.memory_plan` prints the budget at start-up and refuses a plan that cannot fit)."""
+
+    # split: JAX preallocates `trainer_fraction` of every GPU (XLA_PYTHON_CLIENT_MEM_FRACTION, set
+    #   before JAX starts); the engine's weights and KV cache live in the rest.
+    # sleep: JAX allocates on demand and frees after each step (XLA_PYTHON_CLIENT_ALLOCATOR=platform);
+    #   the engine sleeps during the update (LMDeploy sleep level 2: KV cache and weights freed) and
+    #   wakes for the next weight push, so rollouts and training each get most of the memory in turn.
+    sharing: Literal["split", "sleep"] = "split"
+    trainer_fraction: float = 0.5
+    memory_gib: float = 0.0  # memory of one GPU; 0 = as the device reports
+    activation_gib: float = 0.0  # the trainer's peak temporaries per GPU; 0 = the plan's estimate
+    check: bool = True  # refuse a plan that cannot fit (false: only print it)
+
+
+@dataclasses.dataclass
 class GTPOSection:
     num_task_per_step: int = 128
     num_response_per_task: int = 8
@@ -171,6 +188,7 @@ class Config:
     mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
     rollout: RolloutSection = dataclasses.field(default_factory=RolloutSection)
     gtpo: GTPOSection = dataclasses.field(default_factory=GTPOSection)
+    gpu: GPUSection = dataclasses.field(default_factory=GPUSection)
     eval: EvalSection = dataclasses.field(default_factory=EvalSection)
     distributed: DistributedSection = dataclasses.field(default_factory=DistributedSection)
 

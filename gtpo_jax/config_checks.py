@@ -80,6 +80,9 @@ def _rules() -> dict[str, list[Rule]]:
             at_least("block_size", 1), at_least("n", 1), at_least("max_questions", 0, " (0 = all)"),
             at_least("questions_per_batch", 1), at_least("grader_workers", 0), above("grader_timeout_s", 0),
         ],
+        "GPUSection": [within("trainer_fraction", 0, 1, low_open=True, high_open=True),
+                       at_least("memory_gib", 0, " (0 = as the device reports)"),
+                       at_least("activation_gib", 0, " (0 = estimated)")],
         "DistributedSection": [at_least("num_processes", 1), at_least("process_id", 0),
                                above("initialization_timeout_s", 0), above("heartbeat_timeout_s", 0)],
     }

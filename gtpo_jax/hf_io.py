@@ -17,11 +17,13 @@ import re
 import shutil
 from typing import Any, Iterable, Iterator, Mapping
 
+import jax
 import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
+from gtpo_jax.distributed import barrier
 from gtpo_jax.model import ModelConfig, SDARModel, model_from_params
 from gtpo_jax.model.config import DTYPES
 from gtpo_jax.model.params import (
@@ -34,6 +36,7 @@ from gtpo_jax.model.params import (
     nnx_to_hf,
     set_nested,
 )
+from gtpo_jax.sharding import to_host
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SINGLE_SAFETENSORS = "model.safetensors"
@@ -199,6 +202,14 @@ def is_weight_file(name: str) -> bool:
     return any(fnmatch.fnmatch(name, pattern) for pattern in WEIGHT_FILE_PATTERNS)
 
 
+def remove_weight_files(hf_dir: str | os.PathLike) -> list[str]:
+    """Delete the weight files of an HF directory (config, tokenizer and other assets stay)."""
+    removed = [name for name in sorted(os.listdir(hf_dir)) if is_weight_file(name)]
+    for name in removed:
+        os.remove(os.path.join(hf_dir, name))
+    return removed
+
+
 def copy_hf_assets(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *, include_config: bool = False) -> list[str]:
     """Copy what an HF directory holds besides its weights: tokenizer files, chat template,
     generation_config.json, custom code (*.py), README... (top-level regular files, no dotfiles).
@@ -216,12 +227,45 @@ def copy_hf_assets(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, *, in
     return copied
 
 
+def host_array(array: Any, dtype: str | np.dtype | None = None) -> np.ndarray:
+    """One parameter as a host array in `dtype` (None: its own). A jax array is cast where it lives
+    (a bf16 export moves half the bytes of fp32 master weights) and gathered when it spans
+    processes: a collective, so every process must call this for the same tensors in the same order."""
+    target = None if dtype is None else np_dtype(dtype)
+    if isinstance(array, jax.Array):
+        if target is not None and array.dtype != target:
+            array = array.astype(target)
+        return to_host(array)
+    array = np.asarray(array)
+    return array if target is None else array.astype(target, copy=False)
+
+
+def host_tensors(params: Mapping, dtype: str | np.dtype | None = None) -> Iterator[tuple[Path, np.ndarray]]:
+    """(path, host array) of every leaf of a nested parameter tree, one at a time (see `host_array`)."""
+    for path, array in iter_nested(params):
+        yield tuple(path), host_array(array, dtype)
+
+
+def export_hf_dir(params: Mapping, cfg: ModelConfig, out_dir: str | os.PathLike, *, dtype: str | None,
+                  **write_options: Any) -> HFDirSummary | None:
+    """`write_hf_dir` for a run of one or several processes: every process calls it (each tensor is
+    gathered in turn, cast to `dtype` on the devices first), process 0 writes, and all return once
+    the directory is complete (so that any process may read it). Process 0 gets the summary."""
+    tensors = host_tensors(params, dtype)
+    summary = None
+    if jax.process_index() == 0:
+        summary = write_hf_dir(tensors, cfg, out_dir, **write_options)
+    else:
+        for _ in tensors:  # take part in every gather
+            pass
+    barrier("hf export written")
+    return summary
+
+
 def _to_hf_tensor(
     path: Path, array: Any, cfg: ModelConfig, target: np.dtype | None, expected: set[str]
 ) -> tuple[str, np.ndarray]:
-    array = np.asarray(array)  # a jax array comes to the host here, one tensor at a time
-    if target is not None:
-        array = array.astype(target, copy=False)
+    array = host_array(array, target)  # a jax array comes to the host here, one tensor at a time
     try:
         name, tensor = nnx_to_hf(path, array, cfg)
     except KeyError:

@@ -33,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(cfg: Config) -> int:
     from gtpo_jax.distributed import initialize
+    from gtpo_jax.memory_plan import set_jax_memory_env
 
+    set_jax_memory_env(cfg)  # JAX's GPU allocator settings for gpu.sharing, before JAX starts
     initialize(cfg.distributed)  # before any JAX computation
     if cfg.stage == "sft":
         from gtpo_jax.trainers.sft import run_sft

@@ -226,15 +226,93 @@ def test_generation_config_maps_rollout_section():
     be = object.__new__(lb.LMDeployRollout)  # no engine: only the config mapping
     be.cfg = RolloutSection(backend="lmdeploy", strategy="low_confidence_static", denoising_steps=2, threshold=0.7,
                             temperature=0.6, top_k=20, top_p=0.95, max_new_tokens=64, min_new_tokens=8)
-    be.block_size, be.stop_ids, be.greedy = 4, [5, 6], False
+    be.block_size, be.stop_ids, be.greedy, be.dtype = 4, [5, 6], False, "bfloat16"
     ec, gc = be.engine_config(), be.generation_config(seed=3)
     assert (ec.dllm_block_length, ec.dllm_unmasking_strategy, ec.dllm_denoising_steps,
-            ec.dllm_confidence_threshold, ec.logprobs_mode, ec.enable_mp_engine) == (
-        4, "low_confidence_static", 2, 0.7, "raw_logprobs", False)
+            ec.dllm_confidence_threshold, ec.logprobs_mode, ec.enable_mp_engine, ec.dtype) == (
+        4, "low_confidence_static", 2, 0.7, "raw_logprobs", False, "bfloat16")
     assert (gc.temperature, gc.top_k, gc.top_p, gc.max_new_tokens, gc.min_new_tokens, gc.stop_token_ids,
             gc.random_seed, gc.logprobs) == (0.6, 20, 0.95, 64, 8, [5, 6], 3, 1)
     be.greedy = True
     assert be.generation_config(seed=0).top_k == 1
+
+
+def _tiny_params(seed: int = 0):
+    """A tiny model's fp32 parameters (jax arrays) and its config."""
+    from flax import nnx
+
+    from gtpo_jax.checkpoint import param_tree
+    from gtpo_jax.model import ModelConfig, init_model
+
+    model = init_model(ModelConfig.tiny(vocab_size=96, tie_word_embeddings=False), seed=seed)
+    return param_tree(nnx.state(model, nnx.Param)), model.cfg
+
+
+class _FakeEngine:
+    """Records what the backend asks of LMDeploy's Engine (no GPU): pushes, sleep, wake-ups."""
+
+    def __init__(self, dtype="torch.bfloat16"):
+        self.calls, self.model_config = [], types.SimpleNamespace(dtype=dtype)
+
+    def update_params(self, request):
+        self.calls.append(("push", dict(request.serialized_named_tensors), request.finished))
+
+    async def sleep(self, level):
+        self.calls.append(("sleep", level))
+
+    def wakeup(self, tags):
+        self.calls.append(("wakeup", tuple(tags)))
+
+
+def _backend_on(engine, model_cfg, *, sleep=False):
+    import asyncio
+
+    be = object.__new__(lb.LMDeployRollout)  # no engine start: the weight path only
+    be.engine, be.model_cfg, be.weight_sync, be.dtype = engine, model_cfg, "inplace", "bfloat16"
+    be.sleep_during_update, be.asleep, be._loop = sleep, False, asyncio.new_event_loop()
+    return be
+
+
+def test_inplace_push_is_bf16_per_tensor_and_wakes_a_sleeping_engine(monkeypatch):
+    """Every pushed tensor is the trainer's fp32 value rounded to bf16 (never fp32, never fp16), under
+    its HF name; a sleeping engine gets its weights back before the push and its KV cache after."""
+    import ml_dtypes
+    from lmdeploy import utils as lmdeploy_utils
+
+    from gtpo_jax.model.params import expected_hf_names, nnx_to_hf
+
+    params, cfg = _tiny_params()
+    monkeypatch.setattr(lmdeploy_utils, "serialize_state_dict", lambda state: state)  # CUDA IPC: GPU only
+    monkeypatch.setattr(lb, "_torch_cuda", lambda a: torch.from_numpy(a.view(np.uint16)).view(torch.bfloat16)
+                        if a.dtype.name == "bfloat16" else torch.from_numpy(np.ascontiguousarray(a)))
+    monkeypatch.setattr(lb, "_BUCKET_BYTES", 20_000)  # several buckets on a tiny model
+    engine = _FakeEngine()
+    be = _backend_on(engine, cfg, sleep=True)
+    be.pause()
+    be.update_params(params)
+    kinds = [c[0] for c in engine.calls]
+    assert kinds[:2] == ["sleep", "wakeup"] and engine.calls[0][1] == 2 and engine.calls[1][1] == ("weights",)
+    assert engine.calls[-1] == ("wakeup", ("kv_cache",)) and not be.asleep
+    pushes = [c for c in engine.calls if c[0] == "push"]
+    assert len(pushes) > 2 and [p[2] for p in pushes] == [False] * (len(pushes) - 1) + [True]
+    pushed = {name: t for p in pushes for name, t in p[1].items()}
+    assert sorted(pushed) == sorted(expected_hf_names(cfg))
+    from gtpo_jax.model.params import iter_nested
+
+    for path, array in iter_nested(params):  # independent: host-side rounding of the fp32 master
+        name, want = nnx_to_hf(tuple(path), np.asarray(array).astype(ml_dtypes.bfloat16), cfg)
+        got = pushed[name]
+        assert got.dtype == torch.bfloat16, name
+        np.testing.assert_array_equal(got.view(torch.uint16).numpy(), want.view(np.uint16), err_msg=name)
+
+
+def test_engine_dtype_is_the_trainers_and_checked_after_start():
+    assert lb.engine_dtype("bfloat16") == "bfloat16"
+    with pytest.raises(ValueError, match="model.dtype=bfloat16"):
+        lb.engine_dtype("float32")
+    lb.check_engine_dtype(_FakeEngine("torch.bfloat16"), "bfloat16")
+    with pytest.raises(RuntimeError, match="started in float16, not bfloat16"):
+        lb.check_engine_dtype(_FakeEngine(torch.float16), "bfloat16")
 
 
 @pytest.mark.gpu

@@ -29,7 +29,14 @@ def make_rollout_backend(cfg, session) -> RolloutBackend:
     """The training run's rollout engine (`cfg.rollout.backend`); the JAX one shares the
     session's live model and mesh."""
     if cfg.rollout.backend == "lmdeploy":
-        return _lmdeploy_module().make_backend(cfg, session)
+        import jax
+
+        backend = _lmdeploy_module().make_backend(cfg, session)
+        if jax.process_count() > 1:  # one engine per process (node): each generates its share
+            from gtpo_jax.rollout.split import ProcessSplitRollout
+
+            backend = ProcessSplitRollout(backend)
+        return backend
     if cfg.rollout.backend != "jax":
         raise ValueError(f"unknown rollout.backend {cfg.rollout.backend!r}; use 'jax' or 'lmdeploy'")
     from gtpo_jax.rollout.jax_backend import JaxRollout

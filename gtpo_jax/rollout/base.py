@@ -44,5 +44,9 @@ class RolloutBackend(abc.ABC):
     def update_params(self, params) -> None:
         """Use these policy parameters (an nnx.State of the trainer's model) from now on."""
 
+    def pause(self) -> None:  # noqa: B027 - optional hook
+        """The trainer's update follows: free GPU memory until the next `update_params` (LMDeploy with
+        gpu.sharing=sleep); a no-op for engines that share the trainer's parameters."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         pass

@@ -1,23 +1,9 @@
 """LMDeploy (PyTorch engine, dLLM path) as a GTPO rollout engine, with step maps.
 
-Only this module imports LMDeploy, lazily: the core runs without it (`pip install .[lmdeploy]`,
-CUDA machines only). Supported: LMDeploy 0.18.x, the release whose decoding rules SPEC §2 copies.
+Only this module and `lmdeploy_patch` import LMDeploy, lazily: the core runs without it (`pip
+install .[lmdeploy]`, CUDA machines only). Supported: LMDeploy 0.18.x, the release whose decoding
+rules SPEC §2 copies. Step maps and rollout log-probs come from `lmdeploy_patch`.
 
-Step maps and rollout log-probs (SPEC §2). Released LMDeploy returns neither: its outputs only
-say which tokens a finished block holds, and its logprobs are those of the forward that *completed*
-the block, not of the forward that committed each token. Both facts live in the engine process,
-in one place: `DLLMSequenceStrategy.update_running` (pytorch/strategies/dllm/sequence.py) is
-called once per forward with the running sequences (their dLLM mask *before* the forward:
-`seq.dllm_mask`, whose last block is the block just processed) and the forward's outputs
-(`extra_outputs.dllm_mask`: that block's mask *after* unmasking; `logprobs`: raw log-probs of the
-sampled token of every slot, computed before `post_sampling`, so equal to the committed token's for
-a slot committed now). `install_step_map_patch` wraps that one method: before delegating, it diffs
-the two masks of each sequence our backend registered (`record_forward`, a pure function) and keeps
-a per-session `StepRecord` in this process; the backend reads it once the request finishes. The
-scheduler, the engine loop and the sequence objects live in the caller's process when the engine is
-built in-process (`enable_mp_engine=False`, what this backend does, also for tensor parallelism:
-only model workers are other processes), so nothing has to cross a process boundary. The wrapper is
-idempotent, refuses LMDeploy versions other than 0.18.x, and never changes the engine's behaviour.
 
 Weights between RL steps: `Engine.update_params` (0.18: model_agent `update_params`, the RLHF
 path; tensors go as CUDA IPC handles, `lmdeploy.utils.serialize_state_dict`), in buckets, the
@@ -33,9 +19,8 @@ output may be up to P % B tokens shorter than `max_new_tokens` (LMDeploy's block
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import functools
 import itertools
+import logging
 import os
 import tempfile
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -43,169 +28,41 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from gtpo_jax.rollout.base import Rollout, RolloutBackend
+from gtpo_jax.rollout.lmdeploy_patch import (  # noqa: F401 - re-exported: the bridge's public names
+    _PATCH_FLAG,
+    _RECORDS,
+    SDAR_MASK_TOKEN,
+    SUPPORTED_VERSIONS,
+    LMDeployUnavailableError,
+    StepRecord,
+    check_cuda,
+    check_lmdeploy,
+    install_step_map_patch,
+    record_forward,
+    rollout_from_record,
+    uninstall_step_map_patch,
+)
 
-SUPPORTED_VERSIONS = ("0.18",)  # major.minor prefixes
-SDAR_MASK_TOKEN = 151669  # lmdeploy/pytorch/configurations/sdar.py (0.18)
-_PATCH_FLAG = "_gtpo_step_map_patch"
+log = logging.getLogger("gtpo_jax")
 _BUCKET_BYTES = 512 << 20
 
 
-class LMDeployUnavailableError(RuntimeError):
-    """LMDeploy missing, of an unsupported version, or no CUDA device."""
-
-
-def check_lmdeploy() -> Any:
-    """Import LMDeploy and check its version; return the module."""
-    try:
-        import lmdeploy
-    except ImportError as e:
-        raise LMDeployUnavailableError(
-            f"rollout.backend=lmdeploy needs LMDeploy {'/'.join(v + '.x' for v in SUPPORTED_VERSIONS)}: "
-            f"pip install '.[lmdeploy]' on a CUDA machine ({e})"
-        ) from e
-    version = str(getattr(lmdeploy, "__version__", "unknown"))
-    if not any(version == v or version.startswith(v + ".") for v in SUPPORTED_VERSIONS):
-        raise LMDeployUnavailableError(
-            f"LMDeploy {version} is not supported: the step-map patch is written against "
-            f"{', '.join(v + '.x' for v in SUPPORTED_VERSIONS)} (pip install '.[lmdeploy]'); "
-            "use rollout.backend=jax otherwise"
-        )
-    return lmdeploy
-
-
-def check_cuda() -> None:
-    import torch
-
-    if not torch.cuda.is_available():
-        raise LMDeployUnavailableError(
-            "rollout.backend=lmdeploy needs a CUDA GPU (LMDeploy's PyTorch engine runs Triton kernels); "
-            "none is visible here. Use rollout.backend=jax on this machine."
-        )
-
-
-# --------------------------------------------------------------------------- step-map recording
-
-
-@dataclasses.dataclass
-class StepRecord:
-    """What one sequence's forwards committed: absolute position -> forward index / raw log-prob."""
-
-    counter: int = 0  # forwards that committed at least one slot (SPEC §2 counting rule)
-    forwards: int = 0  # all forwards that processed the sequence
-    steps: dict[int, int] = dataclasses.field(default_factory=dict)
-    logprobs: dict[int, float] = dataclasses.field(default_factory=dict)
-
-
-def record_forward(rec: StepRecord, block_start: int, was_masked: np.ndarray, now_masked: np.ndarray,
-                   logprobs: np.ndarray | None = None) -> np.ndarray:
-    """Book one forward of one sequence: slots masked before and not after were committed by it.
-
-    Returns the committed slots (block-relative). A forward committing nothing (e.g. the pass that
-    writes a finished block's keys/values) is counted in `forwards` only.
-    """
-    was_masked, now_masked = np.asarray(was_masked, bool), np.asarray(now_masked, bool)
-    if was_masked.shape != now_masked.shape:
-        raise ValueError(f"mask shapes differ: {was_masked.shape} vs {now_masked.shape}")
-    if np.any(now_masked & ~was_masked):
-        raise ValueError("a committed slot became masked again: the engine's bookkeeping is not the one patched")
-    rec.forwards += 1
-    committed = np.flatnonzero(was_masked & ~now_masked)
-    if committed.size:
-        rec.counter += 1
-        for slot in committed.tolist():
-            rec.steps[block_start + slot] = rec.counter
-            if logprobs is not None:
-                rec.logprobs[block_start + slot] = float(logprobs[slot])
-    return committed
-
-
-def rollout_from_record(prompt: Sequence[int], tokens: Sequence[int], rec: StepRecord, finish_reason: str,
-                        *, with_logprobs: bool = True, text: str = "") -> Rollout:
-    """A `Rollout` from an engine output (generated ids) and the record of its forwards."""
-    start = len(prompt)
-    positions = range(start, start + len(tokens))
-    missing = [p - start for p in positions if p not in rec.steps]
-    if missing:
-        raise RuntimeError(f"no committing forward recorded for response token(s) {missing[:5]}: "
-                           "the step-map patch did not see this request")
-    steps = np.asarray([rec.steps[p] for p in positions], np.int32)
-    lps = None
-    if with_logprobs and all(p in rec.logprobs for p in positions):
-        lps = np.asarray([rec.logprobs[p] for p in positions], np.float32)
-    return Rollout(prompt=np.asarray(prompt, np.int32), tokens=np.asarray(tokens, np.int32), step_map=steps,
-                   logprobs=lps, tail_tokens=None, tail_steps=None, finish_reason=finish_reason, text=text,
-                   num_forwards=rec.forwards)
-
-
-_RECORDS: dict[int, StepRecord] = {}  # session id -> record; only sessions our backend registered
-
-
-def _to_numpy(x) -> np.ndarray:
-    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
-
-
-def _book_batch(running: Sequence[Any], batched_outputs: Any) -> None:
-    """Record one engine forward for the registered sequences of `running` (before the original
-    `update_running` rewrites their masks)."""
-    from lmdeploy.pytorch import consts
-    from lmdeploy.pytorch.messages import MessageStatus
-
-    if not running or not any(getattr(m, "session_id", None) in _RECORDS for m in running):
-        return
-    new_masks = _to_numpy(batched_outputs.extra_outputs.dllm_mask).reshape(len(running), -1)
-    block = new_masks.shape[1]
-    lp = getattr(batched_outputs, "logprobs", None)
-    lp_vals = None if lp is None else _to_numpy(lp.vals)
-    if lp_vals is not None and lp_vals.shape[0] != len(running) * block:
-        lp_vals = None  # not one row per slot (another logprobs mode): leave log-probs out
-    for idx, msg in enumerate(running):
-        rec = _RECORDS.get(msg.session_id)
-        if rec is None or msg.status != MessageStatus.RUNNING:
-            continue
-        old = np.asarray(msg.dllm_mask)[-block:]
-        block_start = msg.num_history_ids + msg.num_token_ids - block
-        row = None if lp_vals is None else lp_vals[idx * block:(idx + 1) * block, 0]
-        record_forward(rec, block_start, old == consts.DLLM_MASKED, new_masks[idx] == consts.DLLM_MASKED, row)
-
-
-def install_step_map_patch() -> None:
-    """Wrap `DLLMSequenceStrategy.update_running` once (version-checked; idempotent)."""
-    check_lmdeploy()
-    from lmdeploy.pytorch.strategies.dllm import sequence as dllm_sequence
-
-    cls = dllm_sequence.DLLMSequenceStrategy
-    original = cls.update_running
-    if getattr(original, _PATCH_FLAG, False):
-        return
-
-    @functools.wraps(original)
-    def update_running(self, running, batched_outputs, model_inputs, delta, **kwargs):
-        _book_batch(running, batched_outputs)
-        return original(self, running, batched_outputs, model_inputs, delta, **kwargs)
-
-    setattr(update_running, _PATCH_FLAG, True)
-    update_running.__wrapped_original__ = original
-    cls.update_running = update_running
-
-
-def uninstall_step_map_patch() -> None:
-    from lmdeploy.pytorch.strategies.dllm import sequence as dllm_sequence
-
-    cls = dllm_sequence.DLLMSequenceStrategy
-    if getattr(cls.update_running, _PATCH_FLAG, False):
-        cls.update_running = cls.update_running.__wrapped_original__
+_BUCKET_BYTES = 512 << 20
+ENGINE_DTYPES = ("bfloat16", "float16")  # what LMDeploy's PyTorch engine computes in
 
 
 # --------------------------------------------------------------------------- weights
 
 
-def hf_named_tensors(params: Any, model_cfg) -> Iterator[tuple[str, np.ndarray]]:
-    """Our parameter tree (nnx.State or nested dict) as HF-named host arrays, one at a time."""
+def hf_named_tensors(params: Any, model_cfg, dtype: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Our parameter tree (nnx.State or nested dict) as HF-named host arrays in `dtype`, one at a
+    time: cast on the devices, gathered when they span processes (every process must iterate)."""
     from gtpo_jax.checkpoint import param_tree
-    from gtpo_jax.model.params import iter_nested, nnx_to_hf
+    from gtpo_jax.hf_io import host_tensors
+    from gtpo_jax.model.params import nnx_to_hf
 
-    for path, array in iter_nested(param_tree(params)):
-        yield nnx_to_hf(path, np.asarray(array), model_cfg)
+    for path, array in host_tensors(param_tree(params), dtype):
+        yield nnx_to_hf(path, array, model_cfg)
 
 
 def _torch_cuda(array: np.ndarray):
@@ -228,17 +85,43 @@ def _buckets(named: Iterable[tuple[str, np.ndarray]], limit: int) -> Iterator[li
         yield bucket
 
 
+def engine_dtype(compute_dtype: str) -> str:
+    """The engine's dtype for a trainer computing in `compute_dtype` (never LMDeploy's `auto`, which
+    turns an fp32 checkpoint into float16)."""
+    if compute_dtype not in ENGINE_DTYPES:
+        raise ValueError(f"rollouts run in the trainer's compute dtype, but LMDeploy computes only in {ENGINE_DTYPES} "
+                         f"and model.dtype is {compute_dtype}; set model.dtype=bfloat16 or use rollout.backend=jax")
+    return compute_dtype
+
+
+def check_engine_dtype(engine, want: str) -> None:
+    """After start-up: the dtype the engine really runs in (its model config) is `want`."""
+    got = str(getattr(engine.model_config, "dtype", "unknown")).removeprefix("torch.")
+    if got != want:
+        raise RuntimeError(f"LMDeploy started in {got}, not {want} (the trainer's compute dtype); the GPU may lack "
+                           f"{want} support, use rollout.backend=jax there")
+
+
+def engine_kv_tokens(engine) -> int | None:
+    """KV-cache tokens the engine allocated (0.18: GPU blocks × tokens per block), None if unknown."""
+    cache = getattr(engine, "cache_config", None)
+    blocks, size = getattr(cache, "num_gpu_blocks", None), getattr(cache, "block_size", None)
+    return int(blocks) * int(size) if blocks and size else None
+
+
 # --------------------------------------------------------------------------- backend
 
 
 class LMDeployRollout(RolloutBackend):
     """SPEC §2 decoding on LMDeploy's in-process PyTorch engine, returning `Rollout`s with step maps
-    and raw rollout log-probs (no tail)."""
+    and raw rollout log-probs (no tail), in `dtype` (weights pushed and engine checked in it).
+    `sleep_during_update`: `pause()` puts the engine to sleep (level 2: weights and KV cache freed)
+    and the next `update_params` wakes it (weights, push, then KV cache)."""
 
     def __init__(self, model_dir: str, *, block_size: int, rollout_cfg, stop_ids: Sequence[int], mask_id: int,
                  model_cfg=None, tokenizer=None, greedy: bool = False, weight_sync: str = "auto",
                  export_dir: str | None = None, source_config: Mapping[str, Any] | None = None,
-                 assets_dir: str | None = None):
+                 assets_dir: str | None = None, dtype: str = "bfloat16", sleep_during_update: bool = False):
         check_lmdeploy()
         check_cuda()
         if mask_id != SDAR_MASK_TOKEN:
@@ -251,6 +134,7 @@ class LMDeployRollout(RolloutBackend):
         self.stop_ids, self.mask_id, self.greedy = [int(s) for s in stop_ids], mask_id, greedy
         self.model_cfg, self.tokenizer, self.weight_sync = model_cfg, tokenizer, weight_sync
         self.export_dir, self.source_config, self.assets_dir = export_dir, source_config, assets_dir
+        self.dtype, self.sleep_during_update, self.asleep = engine_dtype(dtype), sleep_during_update, False
         self._sessions = itertools.count(1 << 20)
         self._loop = asyncio.new_event_loop()
         self.engine = self._build_engine(model_dir)
@@ -261,8 +145,9 @@ class LMDeployRollout(RolloutBackend):
         c = self.cfg
         return PytorchEngineConfig(
             tp=c.tensor_parallel, cache_max_entry_count=c.cache_max_entry_count, enable_mp_engine=False,
-            logprobs_mode="raw_logprobs", dllm_block_length=self.block_size, dllm_unmasking_strategy=c.strategy,
-            dllm_denoising_steps=c.denoising_steps, dllm_confidence_threshold=c.threshold,
+            dtype=self.dtype, logprobs_mode="raw_logprobs", dllm_block_length=self.block_size,
+            dllm_unmasking_strategy=c.strategy, dllm_denoising_steps=c.denoising_steps,
+            dllm_confidence_threshold=c.threshold,
         )
 
     def generation_config(self, seed: int):
@@ -282,7 +167,9 @@ class LMDeployRollout(RolloutBackend):
     def _build_engine(self, model_dir: str):
         from lmdeploy.pytorch.engine import Engine
 
-        return Engine.from_pretrained(model_dir, engine_config=self.engine_config(), trust_remote_code=True)
+        engine = Engine.from_pretrained(model_dir, engine_config=self.engine_config(), trust_remote_code=True)
+        check_engine_dtype(engine, self.dtype)
+        return engine
 
     async def _one(self, instance, prompt: list[int], seed: int) -> Rollout:
         from lmdeploy.messages import ResponseType
@@ -312,7 +199,15 @@ class LMDeployRollout(RolloutBackend):
         return [list(flat[i * n:(i + 1) * n]) for i in range(len(prompts))]
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int, *, seed: int) -> list[list[Rollout]]:
+        if self.asleep:
+            raise RuntimeError("the engine is asleep: update_params wakes it (call it before generating)")
         return self._loop.run_until_complete(self._agenerate(prompts, n, seed))
+
+    def pause(self) -> None:
+        """Free the engine's GPU memory for the trainer's update (gpu.sharing=sleep)."""
+        if self.sleep_during_update and not self.asleep:
+            self._loop.run_until_complete(self.engine.sleep(2))
+            self.asleep = True
 
     def update_params(self, params) -> None:
         if self.model_cfg is None:
@@ -324,9 +219,7 @@ class LMDeployRollout(RolloutBackend):
             except Exception as e:  # noqa: BLE001 - fall back to a reload, or re-raise when asked for inplace
                 if self.weight_sync == "inplace":
                     raise
-                import logging
-
-                logging.getLogger(__name__).warning("in-place weight update failed (%s); exporting and reloading", e)
+                log.warning("in-place weight update failed (%s); exporting and reloading", e)
                 self.weight_sync = "reload"
         self._update_reload(params)
 
@@ -335,7 +228,9 @@ class LMDeployRollout(RolloutBackend):
 
         from lmdeploy.utils import serialize_state_dict
 
-        named = (kv for kv in hf_named_tensors(params, self.model_cfg))
+        if self.asleep:  # level 2: the weights are rebuilt empty, then filled by the push below
+            self.engine.wakeup(["weights"])
+        named = hf_named_tensors(params, self.model_cfg, self.dtype)
         buckets = list(_buckets(named, _BUCKET_BYTES)) or [[]]
         for i, bucket in enumerate(buckets):
             state = {name: _torch_cuda(array) for name, array in bucket}
@@ -343,17 +238,19 @@ class LMDeployRollout(RolloutBackend):
                                       finished=i == len(buckets) - 1)
             self.engine.update_params(request)
             del state
+        if self.asleep:
+            self.engine.wakeup(["kv_cache"])
+            self.asleep = False
 
     def _update_reload(self, params) -> None:
-        from gtpo_jax.hf_io import write_hf_dir
+        from gtpo_jax.checkpoint import param_tree
+        from gtpo_jax.hf_io import export_hf_dir
 
         out = self.export_dir or tempfile.mkdtemp(prefix="gtpo_lmdeploy_")
-        from gtpo_jax.checkpoint import param_tree
-
-        write_hf_dir(param_tree(params), self.model_cfg, out, source_config=self.source_config,
-                     assets_dir=self.assets_dir)
+        export_hf_dir(param_tree(params), self.model_cfg, out, dtype=self.dtype, source_config=self.source_config,
+                      assets_dir=self.assets_dir)
         self.engine.close()
-        self.model_dir, self.engine = out, self._build_engine(out)
+        self.model_dir, self.engine, self.asleep = out, self._build_engine(out), False
 
     def close(self) -> None:
         engine, self.engine = getattr(self, "engine", None), None
@@ -366,41 +263,71 @@ class LMDeployRollout(RolloutBackend):
 # --------------------------------------------------------------------------- factories (gtpo_jax.rollout)
 
 
+def startup_memory_plan(cfg, model_cfg):
+    """The GPU memory plan of this run on the devices torch sees; printed, and checked unless gpu.check=false."""
+    import jax
+    import torch
+
+    from gtpo_jax.memory_plan import GIB, plan_memory
+
+    gpu_bytes = int(cfg.gpu.memory_gib * GIB) or torch.cuda.mem_get_info()[1]
+    plan = plan_memory(cfg, model_cfg, gpu_bytes=gpu_bytes, num_devices=jax.device_count())
+    log.info("%s", plan.table())
+    if cfg.gpu.check:
+        plan.check()
+    return plan
+
+
 def make_backend(cfg, session) -> LMDeployRollout:
-    """Training: export the session's current policy once, start the engine on it; later steps
-    push weights with `update_params`."""
+    """Training: check the GPU memory plan, export the session's current policy once in the trainer's
+    compute dtype (every process gathers, process 0 writes), start this process's engine on it;
+    later steps push weights with `update_params`. The export's weight files are removed once every
+    engine has loaded them (config and tokenizer stay), so a run keeps no copy of the policy on disk."""
+    import jax
+
     from gtpo_jax.checkpoint import param_tree
-    from gtpo_jax.hf_io import write_hf_dir
+    from gtpo_jax.distributed import barrier
+    from gtpo_jax.hf_io import export_hf_dir, remove_weight_files
 
     check_lmdeploy()
     check_cuda()
+    dtype = engine_dtype(cfg.model.dtype)
+    plan = startup_memory_plan(cfg, session.model_cfg)
     source = session._source_hf_config() if hasattr(session, "_source_hf_config") else None
     out = os.path.join(cfg.output_dir, "lmdeploy_policy")
-    write_hf_dir(param_tree(session.params), session.model_cfg, out, source_config=source,
-                 assets_dir=session.tokenizer_dir)
-    return LMDeployRollout(out, block_size=cfg.block_size, rollout_cfg=cfg.rollout, stop_ids=session.stop_ids,
-                           mask_id=session.mask_id, model_cfg=session.model_cfg, tokenizer=session.tokenizer,
-                           export_dir=out, source_config=source, assets_dir=session.tokenizer_dir)
+    export_hf_dir(param_tree(session.params), session.model_cfg, out, dtype=dtype, source_config=source,
+                  assets_dir=session.tokenizer_dir)
+    backend = LMDeployRollout(out, block_size=cfg.block_size, rollout_cfg=cfg.rollout, stop_ids=session.stop_ids,
+                              mask_id=session.mask_id, model_cfg=session.model_cfg, tokenizer=session.tokenizer,
+                              export_dir=out, source_config=source, assets_dir=session.tokenizer_dir, dtype=dtype,
+                              sleep_during_update=cfg.gpu.sharing == "sleep")
+    tokens = engine_kv_tokens(backend.engine)
+    log.info("engine KV cache: %s tokens (plan: %d)", "unknown" if tokens is None else f"{tokens:,d}", plan.kv_tokens)
+    barrier("rollout engines started")
+    if jax.process_index() == 0:
+        remove_weight_files(out)
+    return backend
 
 
 def make_backend_for_eval(cfg, tokenizer) -> LMDeployRollout:
     """Evaluation: `cfg.model.path` as is when it is an HF directory, else its Orbax checkpoint
-    exported to `<output_dir>/lmdeploy_model`."""
+    exported to `<output_dir>/lmdeploy_model`; the engine runs in `cfg.model.dtype`."""
     from gtpo_jax.checkpoint import orbax_to_hf
     from gtpo_jax.data.tokenizer import mask_token_id, stop_token_ids
 
     check_lmdeploy()
     check_cuda()
+    dtype = engine_dtype(cfg.model.dtype)
     path = cfg.model.path
     if not path:
         raise ValueError("evaluation needs model.path (an HF directory or an Orbax checkpoint)")
     if not os.path.isfile(os.path.join(path, "config.json")):
         out = os.path.join(cfg.output_dir, "lmdeploy_model")
-        orbax_to_hf(path, out)
+        orbax_to_hf(path, out, dtype=dtype)
         path = out
     greedy = getattr(cfg, "greedy", None)
     if greedy is None:
         greedy = cfg.eval.greedy
     return LMDeployRollout(path, block_size=cfg.block_size, rollout_cfg=cfg.rollout,
                            stop_ids=stop_token_ids(tokenizer), mask_id=mask_token_id(tokenizer),
-                           tokenizer=tokenizer, greedy=bool(greedy))
+                           tokenizer=tokenizer, greedy=bool(greedy), dtype=dtype)

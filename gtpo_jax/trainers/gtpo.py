@@ -130,6 +130,7 @@ def run_gtpo(cfg: Config) -> dict:
                 last = session.finish_step(step, metrics, keys=["reward_mean", "accuracy"])
                 continue
             t = time.perf_counter()
+            backend.pause()  # the engine's GPU memory goes to the update (gpu.sharing=sleep)
             metrics.update(update_policy(session, sampled.groups, cfg, reference))
             metrics["update_s"] = time.perf_counter() - t
             metrics["step_s"] = time.perf_counter() - t0
