@@ -41,7 +41,9 @@ def stack_micro_batches(
     Row counts and target counts are padded to a common bucket.
     """
     packed = [pack(g, block_size=block_size, row_len=row_len, targets_multiple=vocab_chunk) for g in groups]
-    rows = max(min_rows, max(p.tokens.shape[0] for p in packed))
+    # Rows to a power of two too: a GTPO step's row count follows how many groups DAPO kept, and
+    # every new count would otherwise recompile the update step.
+    rows = _bucket(max(min_rows, max(p.tokens.shape[0] for p in packed)), 1)
     rows = -(-rows // rows_multiple) * rows_multiple
     targets = _bucket(max(int(p.target_valid.sum()) for p in packed), vocab_chunk)
     stacked: dict[str, list[np.ndarray]] = {}

@@ -177,6 +177,9 @@ def rollout_metrics(groups: list[ScoredGroup], cfg: Config) -> dict:
         "truncation_rate": float(np.mean([r.truncated for r in rollouts])),
         "tokens_per_forward": float(np.mean([r.tokens_per_forward for r in rollouts])),
     }
+    logprobs = [np.asarray(r.logprobs) for r in rollouts if r.logprobs is not None and len(r.logprobs)]
+    if logprobs:  # −log p of the committed tokens: an entropy estimate, to see a policy collapse coming
+        out["rollout_nll"] = float(-np.concatenate(logprobs).mean())
     for name in groups[0].reward_parts:
         out[f"reward/{name}"] = float(np.concatenate([grp.reward_parts[name] for grp in groups]).mean())
     return out
