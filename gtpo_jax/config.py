@@ -87,6 +87,7 @@ class TrainSection:
     max_bad_steps: int = 3  # consecutive non-finite steps before stopping
     log_every: int = 1
     vocab_chunk: int = 256
+    wandb_project: Optional[str] = None
 
 
 @dataclasses.dataclass

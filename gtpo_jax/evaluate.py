@@ -87,7 +87,7 @@ def evaluate_questions(backend, grader, questions, tokenizer, *, n: int, seed: i
 
     done = dict(done or {})
     bar = tqdm(total=len(questions), initial=sum(q.index in done for q in questions), desc=desc,
-               dynamic_ncols=True, leave=False)
+               dynamic_ncols=True, leave=False, disable=None)  # no bar in log files
     # Batches are fixed slices of the question list, each with its own seed, so a resumed run
     # draws the same samples for the batches it still has to do as an uninterrupted one would.
     for start in range(0, len(questions), questions_per_batch):
@@ -225,7 +225,7 @@ def run_evaluation(cfg: EvalConfig, *, backend=None, tokenizer=None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from gtpo_jax.config_loader import load_config
-    from gtpo_jax.trainers.session import setup_logging
+    from gtpo_jax.logs import setup_logging
 
     parser = argparse.ArgumentParser(prog="python -m gtpo_jax.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

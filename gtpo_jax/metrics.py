@@ -57,6 +57,54 @@ class MetricsWriter:
                 self._tb.close()
 
 
+class WandbWriter:
+    """Logs the same per-step records to a Weights & Biases run (process 0 only).
+
+    Optional: `pip install -e ".[wandb]"` and set `train.wandb_project`. The run id is kept in
+    `<dir>/wandb_run_id`, so that a resumed training run continues the same W&B run.
+    """
+
+    def __init__(self, directory: str, project: str, *, config: dict | None = None):
+        self.enabled = jax.process_index() == 0
+        if not self.enabled:
+            return
+        wandb = import_wandb()
+        id_file = os.path.join(directory, "wandb_run_id")
+        if os.path.isfile(id_file):
+            with open(id_file) as f:
+                run_id = f.read().strip()
+        else:
+            run_id = wandb.util.generate_id()
+            os.makedirs(directory, exist_ok=True)
+            with open(id_file, "w") as f:
+                f.write(run_id + "\n")
+        self._run = wandb.init(project=project, id=run_id, resume="allow", dir=directory, config=config,
+                               name=os.path.basename(os.path.abspath(directory)))
+
+    def write(self, step: int, metrics: dict, *, prefix: str = "") -> None:
+        if not self.enabled:
+            return
+        values = {f"{prefix}{k}": _plain(v) for k, v in metrics.items()}
+        self._run.log({k: v for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)},
+                      step=step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._run.finish()
+
+
+def import_wandb():
+    """The wandb module, or an error that says how to install it or turn it off."""
+    try:
+        import wandb
+    except ImportError:
+        raise ImportError(
+            "train.wandb_project is set but Weights & Biases is not installed: pip install -e '.[wandb]' "
+            "(or leave train.wandb_project unset; metrics.jsonl and TensorBoard are always written)"
+        ) from None
+    return wandb
+
+
 def format_line(step: int, total: int, metrics: dict, keys: list[str]) -> str:
     parts = [f"step {step}/{total}"]
     for k in keys:

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from gtpo_jax.checkpoint import load_model
     from gtpo_jax.data.tokenizer import chat_prompt, load_tokenizer, mask_token_id, stop_token_ids
     from gtpo_jax.sampling.sampler import BlockDiffusionSampler, SamplerConfig
-    from gtpo_jax.trainers.session import setup_logging
+    from gtpo_jax.logs import setup_logging
 
     setup_logging()
     try:

@@ -14,22 +14,14 @@ from flax import nnx
 from tqdm import tqdm
 
 from gtpo_jax.config import Config
-from gtpo_jax.config_loader import dump_yaml
+from gtpo_jax.config_loader import dump_yaml, to_dict
 from gtpo_jax.distributed import barrier
-from gtpo_jax.metrics import MetricsWriter, format_line
+from gtpo_jax.logs import setup_logging
+from gtpo_jax.metrics import MetricsWriter, WandbWriter, format_line, import_wandb
 from gtpo_jax.sharding import MeshConfig, build_mesh, replicate_unsharded, shard_micro_batches, shard_model, to_host
 from gtpo_jax.trainers.common import BadStepGuard, build_model, make_optimizer, make_update_step
 
 log = logging.getLogger("gtpo_jax")
-
-
-def setup_logging() -> None:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("absl", "jax._src", "orbax", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    if jax.process_index() != 0:  # every process runs the same loop: one voice is enough
-        log.setLevel(logging.WARNING)
 
 
 class TrainingSession:
@@ -40,8 +32,10 @@ class TrainingSession:
         from gtpo_jax.checkpoint import Checkpointer
         from gtpo_jax.data.tokenizer import load_tokenizer, mask_token_id, stop_token_ids
 
-        setup_logging()
+        setup_logging(process_index=jax.process_index())
         cfg.validate()
+        if cfg.train.wandb_project and jax.process_index() == 0:
+            import_wandb()  # a missing optional package fails now, not after the model is loaded
         self.cfg = cfg
         os.makedirs(cfg.output_dir, exist_ok=True)
         with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
@@ -77,6 +71,8 @@ class TrainingSession:
         )
         self.checkpointer.save_hf_assets(self._hf_assets_source(tok_dir))
         self.metrics = MetricsWriter(cfg.output_dir)
+        self.wandb = (WandbWriter(cfg.output_dir, cfg.train.wandb_project, config=to_dict(cfg))
+                      if cfg.train.wandb_project else None)
         self.guard = BadStepGuard(cfg.train.max_bad_steps)
         self.extra_state: dict = {}  # stage-specific JSON state saved with every checkpoint
         self.extra_arrays: dict = {}  # stage-specific array trees saved with every checkpoint
@@ -172,8 +168,9 @@ class TrainingSession:
     # ---- loop helpers --------------------------------------------------------------------
     def progress(self, start: int, total: int):
         self._total = total
+        # The bar only on a terminal (disable=None): in a log file its redraws would bury the lines.
         self._bar = tqdm(range(start, total), initial=start, total=total, desc=self.cfg.stage, dynamic_ncols=True,
-                         disable=jax.process_index() != 0)
+                         disable=None if jax.process_index() == 0 else True)
         self._t_start = time.time()
         for index in self._bar:
             yield index + 1  # steps are numbered from 1; checkpoint N holds the state after step N
@@ -182,13 +179,18 @@ class TrainingSession:
         self.step = step
         self._data_state = data_state
         self.guard.check(step, metrics)
-        self.metrics.write(step, metrics)
+        self.write_metrics(step, metrics)
         if jax.process_index() == 0 and (step % self.cfg.train.log_every == 0 or step == self._total):
-            self._bar.write(format_line(step, self._total, metrics, keys))
+            log.info(format_line(step, self._total, metrics, keys))
         self._bar.set_postfix({k: metrics[k] for k in keys[:2] if k in metrics})
         self.save(step, data_state=data_state)
         self.evaluate_if_due(step)
         return metrics
+
+    def write_metrics(self, step: int, metrics: dict, *, prefix: str = "") -> None:
+        self.metrics.write(step, metrics, prefix=prefix)
+        if self.wandb is not None:
+            self.wandb.write(step, metrics, prefix=prefix)
 
     def evaluate_if_due(self, step: int, *, force: bool = False, label: str | None = None) -> dict | None:
         every = self.cfg.eval.every
@@ -200,7 +202,7 @@ class TrainingSession:
         result = evaluate_model(self.model(), self.tokenizer, self.cfg, mesh=self.mesh)
         label = label or f"step {step}"
         self.eval_results[label] = result
-        self.metrics.write(step, {k: v for k, v in result.items() if isinstance(v, (int, float))}, prefix="eval/")
+        self.write_metrics(step, {k: v for k, v in result.items() if isinstance(v, (int, float))}, prefix="eval/")
         log.info("held-out accuracy (%s): %.1f%% over %d samples", label, 100 * result["accuracy"], result["samples"])
         return result
 
@@ -232,5 +234,7 @@ class TrainingSession:
         if self.cfg.checkpoint.export_hf:
             self.export_hf(os.path.join(self.cfg.output_dir, "hf"))
         self.metrics.close()
+        if self.wandb is not None:
+            self.wandb.close()
         self.checkpointer.close()
         return {"metrics": last_metrics, "eval": self.eval_results}
