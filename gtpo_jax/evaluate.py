@@ -159,10 +159,19 @@ def run_evaluation(cfg: EvalConfig, *, backend=None, tokenizer=None) -> dict:
     """Evaluate every dataset of `cfg`, resuming from the per-dataset JSONL files. `backend`
     (a RolloutBackend) and `tokenizer` default to the ones the config describes; passing them
     lets callers (tests, notebooks) reuse a loaded engine. A passed backend is not closed."""
-    from gtpo_jax.data.records import read_rl_records
+    from gtpo_jax.data.records import check_data_files, read_rl_records
     from gtpo_jax.data.tokenizer import load_tokenizer
     from gtpo_jax.rewards import Grader
 
+    # Every dataset is read before the tokenizer, the model and the engine: a wrong path or a
+    # bad record fails in a second, not after minutes of loading.
+    check_data_files(cfg.datasets.values(), what="evaluation set")
+    question_sets = {}
+    for name, path in cfg.datasets.items():
+        questions = read_rl_records(path)
+        if cfg.max_questions:
+            questions = questions[: cfg.max_questions]
+        question_sets[name] = [dataclasses.replace(q, index=i) for i, q in enumerate(questions)]
     os.makedirs(cfg.output_dir, exist_ok=True)
     if tokenizer is None:
         tok_path = cfg.tokenizer.path or cfg.model.path
@@ -177,11 +186,7 @@ def run_evaluation(cfg: EvalConfig, *, backend=None, tokenizer=None) -> dict:
     grader = Grader(num_workers=cfg.grader_workers, timeout_s=cfg.grader_timeout_s)
     summaries = {}
     try:
-        for name, path in cfg.datasets.items():
-            questions = read_rl_records(path)
-            if cfg.max_questions:
-                questions = questions[: cfg.max_questions]
-            questions = [dataclasses.replace(q, index=i) for i, q in enumerate(questions)]
+        for name, questions in question_sets.items():
             progress_file = os.path.join(cfg.output_dir, f"{name}.jsonl")
             done = {}
             if os.path.exists(progress_file):

@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Iterator
+from typing import Iterable, Iterator
 
+EVAL_SETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval_sets")
+BUILTIN_PREFIX = "builtin:"  # `builtin:math500.jsonl` names a file shipped in EVAL_SETS_DIR
 SFT_FIELDS = ("prompt", "response")
 RL_FIELDS = ("question", "ground_truth_answer")
 
@@ -28,8 +30,28 @@ class RLQuestion:
     ground_truth: str
 
 
+def resolve_data_path(path: str) -> str:
+    """The file a config names: `builtin:<name>` is one of the evaluation sets shipped with the
+    package (gtpo_jax/data/eval_sets), anything else a path as given."""
+    if path.startswith(BUILTIN_PREFIX):
+        return os.path.join(EVAL_SETS_DIR, path[len(BUILTIN_PREFIX):])
+    return path
+
+
+def check_data_files(paths: Iterable[str], what: str = "data file") -> None:
+    """One error naming every missing input file, raised before any model or engine is built."""
+    missing = [p for p in paths if not os.path.isfile(resolve_data_path(p))]
+    if missing:
+        shipped = ", ".join(sorted(BUILTIN_PREFIX + n for n in os.listdir(EVAL_SETS_DIR) if n.endswith(".jsonl")))
+        raise RecordError(
+            f"{what}(s) not found: {', '.join(missing)} (relative paths are read from {os.getcwd()}); "
+            f"fix the path, or use one of the shipped evaluation sets: {shipped}"
+        )
+
+
 def _iter_raw(path: str) -> Iterator[tuple[str, object]]:
     """(location, record) pairs; location is 'file:line' for JSONL, 'file[record i]' otherwise."""
+    path = resolve_data_path(path)
     if not os.path.isfile(path):
         raise RecordError(f"data file {path} does not exist")
     lower = path.lower()

@@ -47,6 +47,10 @@ class TrainingSession:
             barrier("synthetic task written")
             if jax.process_index() != 0:
                 self._prepare_synthetic_task()
+        from gtpo_jax.data.records import check_data_files
+
+        check_data_files(cfg.data.train_files, "data.train_files entry")
+        check_data_files(cfg.data.eval_files, "data.eval_files entry")
         tok_dir = self._tokenizer_dir()
         self.tokenizer_dir = tok_dir
         self.tokenizer = load_tokenizer(tok_dir)
