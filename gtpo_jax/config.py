@@ -202,6 +202,9 @@ class Config:
         if self.rollout.min_new_tokens > self.rollout.max_new_tokens:
             problems.append(f"rollout.min_new_tokens ({self.rollout.min_new_tokens}) must be <= "
                             f"rollout.max_new_tokens ({self.rollout.max_new_tokens})")
+        if self.rollout.backend == "lmdeploy" and self.model.dtype != "bfloat16":
+            problems.append(f"rollout.backend=lmdeploy runs rollouts in the trainer's compute dtype, which LMDeploy "
+                            f"supports in bfloat16 only here: set model.dtype=bfloat16 (got {self.model.dtype})")
         if self.optim.schedule == "warmup_cosine" and self.optim.warmup_steps >= self.train.steps:
             problems.append(f"optim.warmup_steps ({self.optim.warmup_steps}) must be < train.steps ({self.train.steps})")
         if self.stage == "sft" and self.train.micro_batches >= 1 and self.train.batch_size % self.train.micro_batches:

@@ -174,13 +174,22 @@ def set_jax_memory_env(cfg: Config, environ=os.environ) -> dict[str, str]:
         return {}
     want = ({"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{cfg.gpu.trainer_fraction:.3f}"} if cfg.gpu.sharing == "split"
             else {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "XLA_PYTHON_CLIENT_ALLOCATOR": "platform"})
+    def same(key, value):
+        given = environ.get(key, value)
+        if key == "XLA_PYTHON_CLIENT_MEM_FRACTION":
+            try:
+                return abs(float(given) - float(value)) < 5e-4
+            except ValueError:
+                return False
+        return given.lower() == value
+
     for key, value in want.items():
-        if environ.get(key, value) != value:
+        if not same(key, value):
             raise MemoryPlanError(f"{key}={environ[key]} is set in the environment but gpu.sharing={cfg.gpu.sharing} "
                                   f"needs {value}; unset it and use the gpu: section of the config")
     from jax._src import xla_bridge
 
-    if xla_bridge.backends_are_initialized() and any(environ.get(k) != v for k, v in want.items()):
+    if xla_bridge.backends_are_initialized() and not all(k in environ and same(k, v) for k, v in want.items()):
         raise MemoryPlanError("JAX started before the GPU memory plan could set its allocator; call "
                               "set_jax_memory_env before the first JAX computation")
     environ.update(want)

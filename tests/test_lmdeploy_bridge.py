@@ -330,10 +330,10 @@ def test_gpu_parity_with_jax_sampler_and_inplace_update(tmp_path):
     stop, mask = [lb.SDAR_MASK_TOKEN + 1], lb.SDAR_MASK_TOKEN
     rc = RolloutSection(backend="lmdeploy", strategy="low_confidence_dynamic", threshold=0.3, temperature=1.0,
                         max_new_tokens=24, cache_max_entry_count=0.2)
-    model = load_model(str(src))
+    model = load_model(str(src), param_dtype="bfloat16", dtype="bfloat16")  # both engines in bf16
     jx = JaxRollout.from_config(model, None, rc, block_size=4, greedy=True, stop_ids=stop, mask_id=mask)
     ld = lb.LMDeployRollout(str(src), block_size=4, rollout_cfg=rc, stop_ids=stop, mask_id=mask,
-                            model_cfg=model.cfg, greedy=True, weight_sync="inplace")
+                            model_cfg=model.cfg, greedy=True, weight_sync="inplace", dtype="bfloat16")
     try:
         prompts = [[11, 12, 13, 14, 15, 16], [21, 22, 23, 24]]
         a, b = jx.generate(prompts, 1, seed=0), ld.generate(prompts, 1, seed=0)
@@ -341,7 +341,7 @@ def test_gpu_parity_with_jax_sampler_and_inplace_update(tmp_path):
             n = min(len(ga[0].tokens), len(gb[0].tokens))  # LMDeploy's length cap can be P % B shorter
             np.testing.assert_array_equal(ga[0].tokens[:n], gb[0].tokens[:n])
             np.testing.assert_array_equal(ga[0].step_map[:n], gb[0].step_map[:n])
-            np.testing.assert_allclose(ga[0].logprobs[:n], gb[0].logprobs[:n], atol=2e-3)
+            np.testing.assert_allclose(ga[0].logprobs[:n], gb[0].logprobs[:n], atol=3e-2)  # bf16 kernels differ
         from flax import nnx
 
         state = nnx.state(model, nnx.Param)

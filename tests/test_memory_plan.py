@@ -101,6 +101,8 @@ def test_allocator_settings_follow_gpu_sharing(monkeypatch):
     mp.set_jax_memory_env(recipe("gpu.sharing=sleep"), env)
     assert env == {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "XLA_PYTHON_CLIENT_ALLOCATOR": "platform"}
     assert mp.set_jax_memory_env(recipe("rollout.backend=jax"), {}) == {}  # the JAX sampler shares the trainer's memory
+    given = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5"}  # the same fraction, written differently: accepted
+    assert mp.set_jax_memory_env(recipe("gpu.sharing=split", "gpu.trainer_fraction=0.5"), given)
     with pytest.raises(mp.MemoryPlanError, match="XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 is set in the environment"):
         mp.set_jax_memory_env(recipe("gpu.sharing=split"), {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.9"})
     monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: True)
@@ -122,4 +124,6 @@ def test_cli_prints_the_budget_and_fails_on_a_plan_that_does_not_fit():
 def test_gpu_section_ranges_are_checked_before_any_work():
     with pytest.raises(ValueError, match=r"gpu.trainer_fraction must be \(0, 1\)"):
         recipe("gpu.trainer_fraction=1.5").validate()
+    with pytest.raises(ValueError, match="set model.dtype=bfloat16"):  # never fp32 -> fp16 in the engine
+        recipe("model.dtype=float32").validate()
     assert dataclasses.asdict(recipe().gpu)["sharing"] in ("split", "sleep")
