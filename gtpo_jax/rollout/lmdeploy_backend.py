@@ -8,7 +8,10 @@ rules SPEC §2 copies. Step maps and rollout log-probs come from `lmdeploy_patch
 Weights between RL steps: `Engine.update_params` (0.18: model_agent `update_params`, the RLHF
 path; tensors go as CUDA IPC handles, `lmdeploy.utils.serialize_state_dict`), in buckets, the
 last with `finished=True` so LMDeploy re-ties the embedding; if that fails, the policy is exported
-with `write_hf_dir` to a directory and the engine rebuilt from it.
+with `hf_io.export_hf_dir` to a directory and the engine rebuilt from it. Both paths cast to the
+engine's dtype (the trainer's compute dtype, bf16) on the devices and gather one tensor at a time,
+so parameters sharded across processes work. With gpu.sharing=sleep, `pause()` puts the engine to
+sleep (level 2) for the trainer's update and the next push wakes it (weights, push, KV cache).
 
 Limits: GPU only. LMDeploy 0.18 hard-codes the SDAR mask token to 151669
 (`configurations/sdar.py`), so the tokenizer's mask id must be that one. No tail is returned
