@@ -315,6 +315,71 @@ def test_engine_dtype_is_the_trainers_and_checked_after_start():
         lb.check_engine_dtype(_FakeEngine(torch.float16), "bfloat16")
 
 
+def _gtpo_session(tmp_path):
+    from flax import nnx
+
+    from gtpo_jax.model import ModelConfig, init_model
+
+    model = init_model(ModelConfig.tiny(vocab_size=96, tie_word_embeddings=False), seed=0)
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer_config.json").write_text("{}")
+    return types.SimpleNamespace(params=nnx.state(model, nnx.Param), model_cfg=model.cfg, tokenizer_dir=str(tok),
+                                 tokenizer=None, stop_ids=[5], mask_id=lb.SDAR_MASK_TOKEN,
+                                 _source_hf_config=lambda: None)
+
+
+def _gtpo_config(tmp_path, *overrides):
+    from gtpo_jax.config import Config
+    from gtpo_jax.config_loader import load_config
+
+    cfg = load_config(Config, os.path.join(os.path.dirname(__file__), "..", "configs", "gtpo_tiny.yaml"),
+                      ["rollout.backend=lmdeploy", "model.dtype=bfloat16", f"output_dir={tmp_path / 'run'}",
+                       "rollout.tensor_parallel=1", *overrides])
+    cfg.validate()
+    return cfg
+
+
+def test_make_backend_starts_the_engine_on_a_bf16_export_and_keeps_no_copy(tmp_path, monkeypatch):
+    """The engine starts on a bf16 export of the fp32 master weights (never fp32 on disk, never
+    LMDeploy's `auto`), and once it has loaded them the export's weight files are gone."""
+    from gtpo_jax.hf_io import _safetensors_header
+
+    seen = {}
+
+    def build(self, model_dir):
+        files = sorted(os.listdir(model_dir))
+        header, _ = _safetensors_header(os.path.join(model_dir, "model.safetensors"))
+        with open(os.path.join(model_dir, "config.json")) as f:
+            seen.update(files=files, dtypes={v["dtype"] for k, v in header.items() if k != "__metadata__"},
+                        torch_dtype=json.load(f)["torch_dtype"], engine_dtype=self.engine_config().dtype)
+        engine = _FakeEngine()
+        engine.cache_config = types.SimpleNamespace(num_gpu_blocks=100, block_size=64)
+        return engine
+
+    monkeypatch.setattr(lb, "check_cuda", lambda: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (70 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(lb.LMDeployRollout, "_build_engine", build)
+    backend = lb.make_backend(_gtpo_config(tmp_path), _gtpo_session(tmp_path))
+    assert seen["dtypes"] == {"BF16"} and seen["torch_dtype"] == "bfloat16" and seen["engine_dtype"] == "bfloat16"
+    assert "model.safetensors" in seen["files"] and "tokenizer_config.json" in seen["files"]
+    left = sorted(os.listdir(tmp_path / "run" / "lmdeploy_policy"))
+    assert left == ["config.json", "tokenizer_config.json"]  # no weights kept on disk
+    assert backend.dtype == "bfloat16" and not backend.sleep_during_update
+
+
+def test_make_backend_refuses_a_memory_plan_that_cannot_fit_before_exporting(tmp_path, monkeypatch):
+    from gtpo_jax.memory_plan import MemoryPlanError
+
+    monkeypatch.setattr(lb, "check_cuda", lambda: None)
+    monkeypatch.setattr(lb.LMDeployRollout, "_build_engine", lambda self, d: pytest.fail("engine started"))
+    # 5 GiB GPUs: JAX's half, its context and the engine's runtime reserve leave no KV cache
+    cfg = _gtpo_config(tmp_path, "gpu.memory_gib=5")
+    with pytest.raises(MemoryPlanError, match="DOES NOT FIT: the engine's KV cache holds 0 tokens"):
+        lb.make_backend(cfg, _gtpo_session(tmp_path))
+    assert not (tmp_path / "run" / "lmdeploy_policy").exists()
+
+
 @pytest.mark.gpu
 def test_gpu_parity_with_jax_sampler_and_inplace_update(tmp_path):
     """Greedy LMDeploy == greedy JAX sampler (tokens and step maps) on an exported tiny model whose
