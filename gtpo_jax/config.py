@@ -19,7 +19,7 @@ from gtpo_jax.distributed import DistributedSection
 class ModelSection:
     # HF directory or Orbax checkpoint directory; None = random init from `preset` (demos, tests).
     path: Optional[str] = None
-    preset: Literal["tiny", "sdar_8b"] = "tiny"
+    preset: Literal["tiny", "sdar_1_7b", "sdar_8b"] = "tiny"
     # Architecture overrides for the random-init preset (e.g. {"num_layers": 4}).
     preset_overrides: dict = dataclasses.field(default_factory=dict)
     param_dtype: Literal["float32", "bfloat16"] = "float32"

@@ -16,7 +16,8 @@ of finished blocks all follow from the same three ids.
 
 The kernel is a tiled online-softmax (flash) attention written in JAX with a custom VJP that
 recomputes scores tile by tile in the backward pass: memory is O(L·heads·head_dim) plus one
-tile of scores, and tiles that no query can see are skipped.
+tile of scores, and tiles that no query can see are skipped. On GPU the same rule runs as fused
+Pallas kernels (`attention_pallas`), chosen automatically; CPU keeps this path.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from gtpo_jax.model import attention_pallas
+
+IMPLEMENTATIONS = ("jax", "pallas", "pallas_interpret")
 
 
 class TokenLayout(NamedTuple):
@@ -203,15 +208,26 @@ def block_causal_attention(
     *,
     q_tile: int = 256,
     kv_tile: int = 256,
+    implementation: str | None = None,
 ) -> jax.Array:
     """Attention of q [batch, Lq, Hq, D] over k, v [batch, Lk, Hkv, D] (Hq a multiple of Hkv).
 
     Queries that see no key (padding) return zeros. Scores and softmax run in float32.
+    `implementation`: "jax" (this module's tiled loop; q_tile/kv_tile apply), "pallas" (fused
+    GPU kernels with their own tiles), "pallas_interpret" (the same kernels interpreted, for
+    CPU tests); None picks "pallas" on GPU and "jax" elsewhere.
     """
     b, lq, hq, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
     if hq % hkv:
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    if implementation is None:
+        implementation = "pallas" if jax.default_backend() == "gpu" else "jax"
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if implementation != "jax":
+        return attention_pallas.pallas_block_causal_attention(
+            q, k, v, q_layout, kv_layout, interpret=implementation == "pallas_interpret")
     g = hq // hkv
     q_tile = min(q_tile, _round_up(lq, 8))
     kv_tile = min(kv_tile, _round_up(lk, 8))

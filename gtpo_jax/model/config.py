@@ -88,22 +88,19 @@ class ModelConfig:
 
     @classmethod
     def sdar_8b(cls, **overrides) -> "ModelConfig":
-        """JetLM/SDAR-8B-Chat (Qwen3-8B shape)."""
-        base = dict(
-            vocab_size=151936,
-            hidden_size=4096,
-            intermediate_size=12288,
-            num_layers=36,
-            num_heads=32,
-            num_kv_heads=8,
-            head_dim=128,
-            rope_theta=1_000_000.0,
-            max_position_embeddings=32768,
-            tie_word_embeddings=False,
-            block_size=4,
-        )
-        base.update(overrides)
-        return cls(**base)
+        """JetLM/SDAR-8B-Chat (Qwen3-8B shape), from its config.json fields in `presets`."""
+        return cls._from_preset("sdar_8b", overrides)
+
+    @classmethod
+    def sdar_1_7b(cls, **overrides) -> "ModelConfig":
+        """JetLM/SDAR-1.7B-Chat (Qwen3-1.7B shape, tied embeddings)."""
+        return cls._from_preset("sdar_1_7b", overrides)
+
+    @classmethod
+    def _from_preset(cls, name: str, overrides: dict) -> "ModelConfig":
+        from gtpo_jax.model.presets import HF_PRESETS
+
+        return dataclasses.replace(cls.from_hf_dict(HF_PRESETS[name]), **overrides)
 
     # ---- HF config.json ------------------------------------------------------------------
     @classmethod
