@@ -14,6 +14,7 @@ import logging
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -98,6 +99,17 @@ def param_shardings(model: nnx.Module, mesh: Mesh, rules=None):
         return NamedSharding(mesh, logical_to_spec(axes, value.shape, mesh, rules))
 
     return jax.tree.map(to_sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def optimizer_shardings(tx: optax.GradientTransformation, params, mesh: Mesh):
+    """Shardings of `tx.init(params)`: leaves shaped like a parameter (Adam's moments) follow
+    that parameter's sharding, the rest (step counts) are replicated. Pass them as the init's
+    out_shardings: left to itself XLA replicates the moments — zeros that depend on no input —
+    on every device, 8 bytes per parameter per device."""
+    shapes = jax.eval_shape(tx.init, params)
+    param_sh = jax.tree.map(lambda x: x.sharding, params)
+    return optax.tree_map_params(tx, lambda _, sharding: sharding, shapes, param_sh,
+                                 transform_non_params=lambda _: NamedSharding(mesh, P()))
 
 
 def put_global(x, sharding: NamedSharding) -> jax.Array:

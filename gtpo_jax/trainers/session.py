@@ -18,7 +18,8 @@ from gtpo_jax.config_loader import dump_yaml, to_dict
 from gtpo_jax.distributed import barrier
 from gtpo_jax.logs import setup_logging
 from gtpo_jax.metrics import MetricsWriter, WandbWriter, format_line, import_wandb
-from gtpo_jax.sharding import MeshConfig, build_mesh, replicate_unsharded, shard_micro_batches, shard_model, to_host
+from gtpo_jax.sharding import (MeshConfig, build_mesh, optimizer_shardings, replicate_unsharded, shard_micro_batches,
+                               shard_model, to_host)
 from gtpo_jax.trainers.common import BadStepGuard, build_model, make_optimizer, make_update_step
 
 log = logging.getLogger("gtpo_jax")
@@ -66,7 +67,8 @@ class TrainingSession:
         shard_model(model, self.mesh)
         self.graphdef, self.params = nnx.split(model)
         self.tx, self.schedule = make_optimizer(cfg.optim, cfg.train.steps)
-        self.opt_state = replicate_unsharded(jax.jit(self.tx.init)(self.params), self.mesh)
+        init_opt = jax.jit(self.tx.init, out_shardings=optimizer_shardings(self.tx, self.params, self.mesh))
+        self.opt_state = replicate_unsharded(init_opt(self.params), self.mesh)
         self.checkpointer = Checkpointer(
             os.path.join(cfg.output_dir, "checkpoints"),
             save_every=cfg.checkpoint.save_every,
