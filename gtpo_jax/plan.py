@@ -188,15 +188,21 @@ class ProgramPlan:
         return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
 
 
-_HLO_ARRAY = re.compile(r"= (\w+)\[([\d,]*)\]\{[^}]*\} (\w[\w-]*)\(.*?(?:op_name=\"([^\"]*)\")?")
+_HLO_ARRAY = re.compile(r"= (\w+)\[([\d,]*)\]\{[^}]*\} (\w[\w-]*)\(")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
 _ITEMSIZE = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1, "f64": 8, "s64": 8}
 
 
 def largest_arrays(hlo_text: str, top: int = 5) -> list[str]:
     """The biggest values the compiled (per-device) program materialises, with their source op."""
     found = {}
-    for m in _HLO_ARRAY.finditer(hlo_text):
-        dtype, dims, opcode, op_name = m.groups()
+    for line in hlo_text.splitlines():
+        m = _HLO_ARRAY.search(line)
+        if m is None:
+            continue
+        dtype, dims, opcode = m.groups()
+        name = _OP_NAME.search(line)
+        op_name = name.group(1) if name else None
         if dtype not in _ITEMSIZE or opcode in ("parameter", "bitcast", "get-tuple-element", "tuple"):
             continue
         shape = [int(d) for d in dims.split(",") if d]
@@ -237,12 +243,13 @@ def plan_update_step(cfg: Config, graphdef, params, mesh, shape: StepShape) -> P
     batch = abstract_batch(shape, mesh, extra)
     step = make_update_step(graphdef, tx, loss_fn)
     devices = mesh.devices.size
-    plan = compile_program(
-        f"{cfg.stage} update step", shape.note, step, (params, opt_state, batch), devices=devices,
-        tile_fraction=shape.tile_fraction, tokens=shape.micro_batches * shape.rows * shape.row_len,
-        param_bytes=device_bytes(params), optimizer_bytes=device_bytes(opt_state), batch_bytes=device_bytes(batch),
-        donate=(0, 1),
-    )
+    with jax.set_mesh(mesh):  # as TrainingSession.update traces it
+        plan = compile_program(
+            f"{cfg.stage} update step", shape.note, step, (params, opt_state, batch), devices=devices,
+            tile_fraction=shape.tile_fraction, tokens=shape.micro_batches * shape.rows * shape.row_len,
+            param_bytes=device_bytes(params), optimizer_bytes=device_bytes(opt_state),
+            batch_bytes=device_bytes(batch), donate=(0, 1),
+        )
     m = cfg.model
     plan.comm_bytes = fsdp_comm_bytes(
         sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)), fsdp=mesh.shape["fsdp"], data=mesh.shape["data"],

@@ -101,6 +101,16 @@ def param_shardings(model: nnx.Module, mesh: Mesh, rules=None):
     return jax.tree.map(to_sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """Pin an activation's leading (row) dimension to the data-parallel axes of the ambient mesh
+    (`jax.set_mesh`); a no-op without one. FSDP needs it: left alone, XLA follows the weights'
+    `embed` sharding into the activations and keeps every row of the batch on every device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+        return x
+    return jax.lax.with_sharding_constraint(x, P(BATCH_AXES, *([None] * (x.ndim - 1))))
+
+
 def optimizer_shardings(tx: optax.GradientTransformation, params, mesh: Mesh):
     """Shardings of `tx.init(params)`: leaves shaped like a parameter (Adam's moments) follow
     that parameter's sharding, the rest (step counts) are replicated. Pass them as the init's

@@ -17,6 +17,7 @@ from flax import nnx
 
 from gtpo_jax.model.attention import TokenLayout, block_causal_attention
 from gtpo_jax.model.config import ModelConfig
+from gtpo_jax.sharding import constrain_batch
 
 
 class LayerKV(NamedTuple):
@@ -200,7 +201,7 @@ class SDARModel(nnx.Module):
         """tokens, positions int [batch, length] -> (final hidden [batch, length, hidden],
         per-layer keys/values of these tokens). `context` holds keys/values of earlier tokens."""
         dt = jnp.dtype(self.cfg.dtype)
-        x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(dt)
+        x = constrain_batch(jnp.take(self.embed_tokens[...], tokens, axis=0).astype(dt))
         inv_freq, attention_factor = rope_inv_freq(self.cfg)
         rope = (jnp.asarray(inv_freq), attention_factor)
         new_kvs = []
@@ -214,6 +215,7 @@ class SDARModel(nnx.Module):
                 x, kv = call(layer, x, positions, layout, layer_ctx)
             else:
                 x, kv = layer(x, positions, layout, rope, layer_ctx)
+            x = constrain_batch(x)
             new_kvs.append(kv)
         return self.norm(x), tuple(new_kvs)
 

@@ -145,7 +145,8 @@ class TrainingSession:
     def update(self, arrays: dict) -> dict:
         batch = shard_micro_batches(arrays, self.mesh)
         lr = float(self.schedule(self.step))
-        self.params, self.opt_state, metrics = self._step_fn(self.params, self.opt_state, batch)
+        with jax.set_mesh(self.mesh):  # the model pins activation rows to the data axes (constrain_batch)
+            self.params, self.opt_state, metrics = self._step_fn(self.params, self.opt_state, batch)
         metrics = {k: np.asarray(v).item() for k, v in metrics.items()}
         metrics["lr"] = lr
         return metrics
