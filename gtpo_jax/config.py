@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Literal, Optional
 
 from gtpo_jax.config_checks import range_problems
 from gtpo_jax.config_loader import ConfigError
+from gtpo_jax.data.synthetic import task_paths
+from gtpo_jax.data.tokenizer import tokenizer_dir_for
 from gtpo_jax.distributed import DistributedSection
 
 
@@ -19,15 +22,16 @@ from gtpo_jax.distributed import DistributedSection
 class ModelSection:
     # HF directory or Orbax checkpoint directory; None = random init from `preset` (demos, tests).
     path: Optional[str] = None
-    preset: Literal["tiny", "sdar_1_7b", "sdar_8b"] = "tiny"
+    preset: Literal["tiny", "sdar_1_7b", "sdar_8b"] = "tiny"  # architecture of a random-init model (model.path unset)
     # Architecture overrides for the random-init preset (e.g. {"num_layers": 4}).
     preset_overrides: dict = dataclasses.field(default_factory=dict)
-    param_dtype: Literal["float32", "bfloat16"] = "float32"
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    param_dtype: Literal["float32", "bfloat16"] = "float32"  # dtype the parameters are stored and updated in
+    dtype: Literal["float32", "bfloat16"] = "float32"  # dtype of the forward computation (activations, matmuls)
+    # activation rematerialisation per decoder layer: none, full, or save only matmul outputs (dots)
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
-    attn_q_tile: int = 256
-    attn_kv_tile: int = 256
-    init_seed: int = 0
+    attn_q_tile: int = 256  # query tile of the block-causal attention kernel (tokens)
+    attn_kv_tile: int = 256  # key/value tile of the block-causal attention kernel (tokens)
+    init_seed: int = 0  # seed of a random-init model's parameters
 
 
 @dataclasses.dataclass
@@ -39,88 +43,99 @@ class TokenizerSection:
 
 @dataclasses.dataclass
 class DataSection:
+    # training records: JSONL, JSON list or Parquet (formats: README, Data formats)
     train_files: list[str] = dataclasses.field(default_factory=list)
+    # held-out RL records for accuracy during training (builtin:<name> = a shipped set)
     eval_files: list[str] = dataclasses.field(default_factory=list)
     # Built-in synthetic arithmetic task instead of files (CPU demo).
     synthetic: bool = False
-    synthetic_train: int = 4000
-    synthetic_eval: int = 200
-    synthetic_digits: int = 2
+    synthetic_train: int = 4000  # questions in the synthetic training set
+    synthetic_eval: int = 200  # held-out synthetic questions (never in the training set)
+    synthetic_digits: int = 2  # digits of each number added in the synthetic task
     max_len: int = 512  # prompt + response tokens
+    # a sample longer than max_len: cut the response, or drop the sample (both counted)
     over_length: Literal["truncate", "skip"] = "truncate"
+    # a prompt alone longer than max_len: stop with an error, or drop the sample (counted)
     prompt_too_long: Literal["error", "skip"] = "error"
-    shuffle_seed: int = 0
+    shuffle_seed: int = 0  # seed of the per-epoch shuffle of the training records (and of the synthetic task)
     epochs: int = 0  # 0 = repeat forever
     think: bool = False  # append <think> to the prompt template
 
 
 @dataclasses.dataclass
 class MaskingSection:
+    # SFT: draw the masking probability p once per block, or once per token
     mask_sampling: Literal["per_block", "per_token"] = "per_block"
-    lower_p: float = 0.1
-    upper_p: float = 0.9
-    post_num: int = 0
-    num_noisy_copies: int = 1
+    lower_p: float = 0.1  # SFT: p is drawn from U(lower_p, upper_p)
+    upper_p: float = 0.9  # SFT: upper end of the masking probability's range
+    post_num: int = 0  # SFT: up to this many pad slots after the response are trained as targets (teaches stopping)
+    num_noisy_copies: int = 1  # SFT: independent maskings of each sample, sharing one clean pass
 
 
 @dataclasses.dataclass
 class OptimSection:
-    lr: float = 1e-5
+    lr: float = 1e-5  # AdamW peak learning rate
+    # constant, or linear warm-up then cosine decay to min_lr_ratio × lr
     schedule: Literal["constant", "warmup_cosine"] = "constant"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    clip_norm: float = 1.0
+    warmup_steps: int = 0  # optimizer updates of linear warm-up (warmup_cosine)
+    min_lr_ratio: float = 0.0  # final learning rate as a fraction of lr (warmup_cosine)
+    b1: float = 0.9  # AdamW first-moment decay
+    b2: float = 0.999  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    clip_norm: float = 1.0  # global gradient-norm clip; 0 = off
 
 
 @dataclasses.dataclass
 class TrainSection:
-    steps: int = 100
+    steps: int = 100  # optimizer steps (SFT) or RL steps (GTPO) of the run
     batch_size: int = 8  # samples (SFT) per optimizer step
     micro_batches: int = 1  # gradient accumulation
     row_len: int = 0  # packed row length; 0 = derived from max_len
     rows_per_micro_batch: int = 0  # 0 = as many as the micro-batch needs (padded to a bucket)
-    seed: int = 0
+    seed: int = 0  # seed of masking and rollout randomness (a step's draws depend only on seed and step)
     max_bad_steps: int = 3  # consecutive non-finite steps before stopping
-    log_every: int = 1
-    vocab_chunk: int = 256
-    wandb_project: Optional[str] = None
+    log_every: int = 1  # print a step line every N steps (metrics.jsonl gets every step)
+    vocab_chunk: int = 256  # vocabulary projection chunk: target slots are projected this many at a time
+    wandb_project: Optional[str] = None  # Weights & Biases project to log to as well (extra `wandb`); null = off
 
 
 @dataclasses.dataclass
 class CheckpointSection:
-    save_every: int = 100
-    keep: int = 3
-    resume: bool = True
-    async_save: bool = True
+    save_every: int = 100  # save a checkpoint every N steps (and always at the end)
+    keep: int = 3  # checkpoints kept (the oldest are deleted); 0 = all
+    resume: bool = True  # continue from the latest complete checkpoint in output_dir/checkpoints
+    async_save: bool = True  # write checkpoints in the background while training goes on
     export_hf: bool = True  # write an HF directory at the end of the run
+    # dtype of the final HF export; null = the parameters' dtype
     export_dtype: Optional[Literal["float32", "bfloat16"]] = None
+    # Resume although the config differs from the run's stored config.yaml (keys that only say how
+    # a run is saved, evaluated, placed or logged may always change: session.RESUMABLE_KEYS).
+    accept_config_changes: bool = False
 
 
 @dataclasses.dataclass
 class MeshSection:
-    data: int = 1
-    fsdp: int = -1
-    tensor: int = 1
+    data: int = 1  # devices along the pure data-parallel mesh axis
+    fsdp: int = -1  # devices along the parameter-sharded data axis; -1 = all the devices left
+    tensor: int = 1  # devices along the tensor-parallel axis (heads, MLP width)
 
 
 @dataclasses.dataclass
 class RolloutSection:
+    # decoder of rollouts and evaluation: the JAX sampler, or LMDeploy (GPU)
     backend: Literal["jax", "lmdeploy"] = "jax"
+    # which masked slots a forward commits (docs/algorithm.md, Decoding)
     strategy: Literal["low_confidence_static", "low_confidence_dynamic", "sequential"] = "low_confidence_dynamic"
-    denoising_steps: int = 4
-    threshold: float = 0.9
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    max_new_tokens: int = 256
-    min_new_tokens: int = 0
-    # LMDeploy-only knobs
-    tensor_parallel: int = 1
-    cache_max_entry_count: float = 0.8
+    denoising_steps: int = 4  # low_confidence_static: commit block_size / denoising_steps slots per forward
+    threshold: float = 0.9  # low_confidence_dynamic: commit every slot at least this confident (and the top one)
+    temperature: float = 1.0  # divides the logits before sampling and confidences
+    top_k: int = 0  # sample among the k most likely tokens; 0 = all
+    top_p: float = 1.0  # sample from the smallest set holding this probability mass; 1 = all
+    max_new_tokens: int = 256  # response length limit (tokens)
+    min_new_tokens: int = 0  # stop tokens are suppressed until this many tokens (block-granular)
+    tensor_parallel: int = 1  # LMDeploy: tensor-parallel GPUs of the engine
+    cache_max_entry_count: float = 0.8  # LMDeploy: fraction of free GPU memory for the KV cache
 
 
 @dataclasses.dataclass
@@ -134,7 +149,7 @@ class GPUSection:
     #   the engine sleeps during the update (LMDeploy sleep level 2: KV cache and weights freed) and
     #   wakes for the next weight push, so rollouts and training each get most of the memory in turn.
     sharing: Literal["split", "sleep"] = "split"
-    trainer_fraction: float = 0.5
+    trainer_fraction: float = 0.5  # split: fraction of each GPU's memory JAX preallocates
     memory_gib: float = 0.0  # memory of one GPU; 0 = as the device reports
     activation_gib: float = 0.0  # the trainer's peak temporaries per GPU; 0 = the plan's estimate
     check: bool = True  # refuse a plan that cannot fit (false: only print it)
@@ -142,43 +157,46 @@ class GPUSection:
 
 @dataclasses.dataclass
 class GTPOSection:
-    num_task_per_step: int = 128
-    num_response_per_task: int = 8
-    oversample: int = 3
-    dynamic_sampling: bool = True
-    eps_low: float = 0.2
-    eps_high: float = 0.28
-    beta: float = 0.0
+    num_task_per_step: int = 128  # prompt groups trained on per RL step
+    num_response_per_task: int = 8  # rollouts per prompt (a group; advantages are normalised within it)
+    oversample: int = 3  # dynamic sampling draws oversample × (groups still missing) prompts per round
+    dynamic_sampling: bool = True  # keep only groups whose accuracy is strictly between 0 and 1 (DAPO)
+    eps_low: float = 0.2  # ratio clip: lower bound 1 - eps_low
+    eps_high: float = 0.28  # ratio clip: upper bound 1 + eps_high
+    beta: float = 0.0  # weight of the k3 KL penalty to the frozen starting policy; 0 = off
+    # round_mean: per-round means summed per response; token_mean: mean over all tokens
     loss_norm: Literal["round_mean", "token_mean"] = "round_mean"
-    shrink: int = 1
-    num_iterations: int = 1
-    mini_batches: int = 1
+    shrink: int = 1  # merge every `shrink` consecutive decoding steps of a block into one (1 = exact)
+    num_iterations: int = 1  # optimizer passes over each step's rollouts
+    mini_batches: int = 1  # optimizer updates per pass, each on its share of the responses
     tis_cap: float = 0.0  # truncated importance weight cap C; 0 = off
+    # reward function name -> weight; the reward is the weighted sum
     rewards: dict = dataclasses.field(default_factory=lambda: {"accuracy": 1.0})
     # Weights must be >= 0 unless this is set: a minus sign is more often a typo than a penalty.
     negative_reward_weights: bool = False
     # Modules imported before training; they register custom rewards with
     # `gtpo_jax.rewards.register_reward` (every process imports them).
     reward_modules: list[str] = dataclasses.field(default_factory=list)
+    # parameters the reward functions read (e.g. cosine_max_len)
     reward_params: dict = dataclasses.field(default_factory=dict)
-    grader_workers: int = 2
-    grader_timeout_s: float = 10.0
+    grader_workers: int = 2  # processes grading answers with math-verify
+    grader_timeout_s: float = 10.0  # seconds before a grading counts as wrong (a timeout, counted)
 
 
 @dataclasses.dataclass
 class EvalSection:
     enabled: bool = True  # held-out accuracy at the start and end of a run (and every `every` steps)
     every: int = 0  # evaluate every N steps during training; 0 = only at start and end
-    num_samples: int = 1
-    greedy: bool = True
+    num_samples: int = 1  # samples per held-out question (accuracy = mean over them)
+    greedy: bool = True  # decode held-out questions greedily
     max_questions: int = 0  # 0 = all
 
 
 @dataclasses.dataclass
 class Config:
-    stage: Literal["sft", "gtpo"]
-    output_dir: str = "runs/default"
-    block_size: int = 4
+    stage: Literal["sft", "gtpo"]  # which trainer runs: sft or gtpo
+    output_dir: str = "runs/default"  # run directory: config.yaml, metrics, checkpoints, hf/ export
+    block_size: int = 4  # diffusion block size B (must match the checkpoint's)
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
     tokenizer: TokenizerSection = dataclasses.field(default_factory=TokenizerSection)
     data: DataSection = dataclasses.field(default_factory=DataSection)
@@ -192,6 +210,22 @@ class Config:
     gpu: GPUSection = dataclasses.field(default_factory=GPUSection)
     eval: EvalSection = dataclasses.field(default_factory=EvalSection)
     distributed: DistributedSection = dataclasses.field(default_factory=DistributedSection)
+
+    def resolve_paths(self) -> None:
+        """Fill in the paths a run derives from other keys, so that config.yaml and --print-config
+        show what the run really reads: with data.synthetic, the task files under
+        `output_dir/data` (and, for a random-init model without a tokenizer, the tiny tokenizer
+        under `output_dir/tokenizer`); a tokenizer left unset is the model's."""
+        if self.data.synthetic:
+            paths = task_paths(os.path.join(self.output_dir, "data"))
+            if not self.data.train_files:
+                self.data.train_files = [paths["sft_train" if self.stage == "sft" else "rl_train"]]
+            if not self.data.eval_files:
+                self.data.eval_files = [paths["rl_eval"]]
+            if self.tokenizer.path is None and self.model.path is None:
+                self.tokenizer.path = os.path.join(self.output_dir, "tokenizer")
+        if self.tokenizer.path is None and self.model.path is not None:
+            self.tokenizer.path = tokenizer_dir_for(self.model.path)
 
     def validate(self) -> None:
         """Every value in its allowed range, plus cross-field checks: fails before any work starts,

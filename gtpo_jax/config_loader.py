@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
+import io
+import textwrap
+import tokenize
 import types
 import typing
 from typing import Any, Literal, Union
@@ -155,3 +160,105 @@ def to_dict(cfg) -> dict:
 
 def dump_yaml(cfg) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# ---- documentation and comparison of config trees ------------------------------------------------
+def field_docs(cls) -> dict[str, str]:
+    """Field name -> its meaning, read from the comments on the field in the dataclass's source:
+    the comment at the end of the field's line, else the comment lines right above it. The config
+    classes document each key there, once; `--help` and the tests read it from there."""
+    try:
+        lines, _ = inspect.getsourcelines(cls)
+    except (OSError, TypeError):
+        return {}
+    source = textwrap.dedent("".join(lines))
+    comments: dict[int, str] = {}  # line number (1-based) -> comment text
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+    code_lines = source.splitlines()
+    docs = {}
+    for node in ast.parse(source).body[0].body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        text = comments.get(node.end_lineno) or comments.get(node.lineno)
+        if not text:
+            above, line = [], node.lineno - 1
+            while line >= 1 and line in comments and code_lines[line - 1].lstrip().startswith("#"):
+                above.insert(0, comments[line])
+                line -= 1
+            text = " ".join(above)
+        docs[node.target.id] = text
+    return docs
+
+
+def _describe_type(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "|".join(str(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe_type(a) for a in args)
+    if origin in (list, tuple):
+        return f"list[{_describe_type(args[0])}]" if args else "list"
+    if origin is dict or tp is dict:
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _default(field: dataclasses.Field):
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return "(required)"
+
+
+def iter_keys(cls, prefix: str = ""):
+    """(dotted key, type description, default, meaning) of every leaf key of a config tree."""
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    for field in dataclasses.fields(cls):
+        tp = hints[field.name]
+        key = prefix + field.name
+        if _is_dataclass_type(tp):
+            yield from iter_keys(tp, key + ".")
+        else:
+            default = _default(field)
+            if dataclasses.is_dataclass(default):
+                default = dataclasses.asdict(default)
+            yield key, _describe_type(tp), default, docs.get(field.name, "")
+
+
+def keys_help(cls) -> str:
+    """Every key of a config tree, one per line: key, type, default, meaning (for --help)."""
+    rows = [(k, t, yaml.safe_dump(d, default_flow_style=True, width=10**6).strip().removesuffix("\n...").strip()
+             if not isinstance(d, str) else d, doc) for k, t, d, doc in iter_keys(cls)]
+    width = max(len(k) for k, *_ in rows)
+    return "\n".join(f"  {k:<{width}}  {t} = {d}" + (f"\n  {'':<{width}}    {doc}" if doc else "")
+                     for k, t, d, doc in rows)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1} (mappings that are values, such as gtpo.rewards, too)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_differences(stored: dict, current: dict, defaults: dict, *, ignore: tuple[str, ...] = ()) -> list[str]:
+    """'key: old -> new' for every key whose value differs between a stored and the current
+    config (a key the stored file lacks counts as its default); keys starting with one of
+    `ignore` are skipped."""
+    old, new, base = flatten(stored), flatten(current), flatten(defaults)
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        if key.startswith(ignore):
+            continue
+        before, after = old.get(key, base.get(key)), new.get(key, base.get(key))
+        if before != after:
+            lines.append(f"{key}: {before!r} -> {after!r}")
+    return lines

@@ -24,11 +24,11 @@ log = logging.getLogger("gtpo_jax")
 class DistributedSection:
     # host:port of process 0's coordinator; None with num_processes 1 = a single process.
     coordinator_address: Optional[str] = None
-    num_processes: int = 1
-    process_id: int = 0
+    num_processes: int = 1  # processes in the run (each runs the same command)
+    process_id: int = 0  # this process's rank, 0 .. num_processes - 1 (0 hosts the coordinator)
     # Let JAX find the cluster's settings itself (SLURM, Open MPI, Kubernetes, Cloud TPU).
     cluster_detection: bool = False
-    initialization_timeout_s: int = 300
+    initialization_timeout_s: int = 300  # seconds to wait for every process to join
     # A process silent this long (crashed, killed, hung host) makes the others fail.
     heartbeat_timeout_s: int = 60
 

@@ -30,22 +30,22 @@ log = logging.getLogger("gtpo_jax")
 
 @dataclasses.dataclass
 class EvalConfig:
-    datasets: dict  # name -> RL-format file (JSONL / JSON / Parquet)
-    output_dir: str = "runs/eval"
-    block_size: int = 4
+    datasets: dict  # name -> RL-format file (JSONL / JSON / Parquet), or builtin:<file> for a shipped set
+    output_dir: str = "runs/eval"  # where per-question progress, results.json and results.md go
+    block_size: int = 4  # diffusion block size B (must match the checkpoint's)
     n: int = 1  # samples per question
-    greedy: bool = False
-    seed: int = 0
+    greedy: bool = False  # decode greedily instead of sampling
+    seed: int = 0  # seed of the sampling (each batch of questions gets seed + its offset)
     max_questions: int = 0  # 0 = all
-    questions_per_batch: int = 16
-    think: bool = False
+    questions_per_batch: int = 16  # questions decoded together (n samples each)
+    think: bool = False  # end the prompt with <think>
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
     tokenizer: TokenizerSection = dataclasses.field(default_factory=TokenizerSection)
     rollout: RolloutSection = dataclasses.field(default_factory=RolloutSection)
     mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
-    grader_workers: int = 2
-    grader_timeout_s: float = 10.0
-    backend_options: Optional[dict] = None
+    grader_workers: int = 2  # processes grading answers with math-verify
+    grader_timeout_s: float = 10.0  # seconds before a grading counts as wrong (a timeout, counted)
+    backend_options: Optional[dict] = None  # not read by any backend yet (kept so that existing configs load)
 
     def validate(self) -> None:
         """Every value in its allowed range (ConfigError naming each bad key), before any model loads."""
@@ -160,7 +160,7 @@ def run_evaluation(cfg: EvalConfig, *, backend=None, tokenizer=None) -> dict:
     (a RolloutBackend) and `tokenizer` default to the ones the config describes; passing them
     lets callers (tests, notebooks) reuse a loaded engine. A passed backend is not closed."""
     from gtpo_jax.data.records import check_data_files, read_rl_records
-    from gtpo_jax.data.tokenizer import load_tokenizer
+    from gtpo_jax.data.tokenizer import load_tokenizer, tokenizer_dir_for
     from gtpo_jax.rewards import Grader
 
     # Every dataset is read before the tokenizer, the model and the engine: a wrong path or a
@@ -174,10 +174,7 @@ def run_evaluation(cfg: EvalConfig, *, backend=None, tokenizer=None) -> dict:
         question_sets[name] = [dataclasses.replace(q, index=i) for i, q in enumerate(questions)]
     os.makedirs(cfg.output_dir, exist_ok=True)
     if tokenizer is None:
-        tok_path = cfg.tokenizer.path or cfg.model.path
-        if tok_path and os.path.isdir(os.path.join(tok_path, "hf_assets")):
-            tok_path = os.path.join(tok_path, "hf_assets")
-        tokenizer = load_tokenizer(tok_path)
+        tokenizer = load_tokenizer(cfg.tokenizer.path or tokenizer_dir_for(cfg.model.path))
     own_backend = backend is None
     if own_backend:
         from gtpo_jax.rollout import make_rollout_backend_for_eval
@@ -229,10 +226,11 @@ def run_evaluation(cfg: EvalConfig, *, backend=None, tokenizer=None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gtpo_jax.config_loader import load_config
+    from gtpo_jax.config_loader import keys_help, load_config
     from gtpo_jax.logs import setup_logging
 
     parser = argparse.ArgumentParser(prog="python -m gtpo_jax.evaluate", description=__doc__,
+                                     epilog="config keys (type = default):\n" + keys_help(EvalConfig),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. n=4 max_questions=50")

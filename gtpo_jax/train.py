@@ -8,24 +8,32 @@ import sys
 
 from gtpo_jax.cli import one_line_errors
 from gtpo_jax.config import Config
-from gtpo_jax.config_loader import load_config
+from gtpo_jax.config_loader import dump_yaml, keys_help, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m gtpo_jax.train",
         description="Post-train an SDAR block-diffusion model: SFT or GTPO, as the config's `stage` says.",
+        epilog="config keys (set in the YAML file or as key=value; type = default):\n" + keys_help(Config),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", required=True, help="YAML file (see configs/)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-6 train.steps=10")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (what config.yaml of the run will hold) and exit")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(Config, args.config, args.overrides)
         cfg.validate()
+        cfg.resolve_paths()
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return 0
     with one_line_errors(args.debug):
         return run(cfg)
     return 1  # one_line_errors swallowed an error (it has printed it)

@@ -47,6 +47,11 @@ def synthetic_examples(n: int, seed: int, digits: int = 2) -> list[ArithmeticExa
     return out
 
 
+def task_paths(out_dir: str) -> dict[str, str]:
+    """The files `write_synthetic_task(out_dir, ...)` writes, by role."""
+    return {name: os.path.join(out_dir, f"{name}.jsonl") for name in ("sft_train", "rl_train", "rl_eval")}
+
+
 def write_synthetic_task(out_dir: str, n_train: int, n_eval: int, seed: int = 0, digits: int = 2) -> dict[str, str]:
     """sft_train.jsonl, rl_train.jsonl and rl_eval.jsonl; held-out questions never appear in
     the training files. Deterministic in (n_train, n_eval, seed, digits)."""
@@ -60,7 +65,7 @@ def write_synthetic_task(out_dir: str, n_train: int, n_eval: int, seed: int = 0,
     if len(unique) < n_train + n_eval:
         raise ValueError(f"only {len(unique)} distinct {digits}-digit questions exist; lower the counts or add digits")
     eval_set, train_set = unique[:n_eval], unique[n_eval : n_eval + n_train]
-    paths = {name: os.path.join(out_dir, f"{name}.jsonl") for name in ("sft_train", "rl_train", "rl_eval")}
+    paths = task_paths(out_dir)
 
     def dump(path, rows):
         tmp = path + ".tmp"

@@ -67,6 +67,16 @@ def build_tiny_tokenizer(out_dir: str, vocab_size: int = 192) -> str:
     return out_dir
 
 
+def tokenizer_dir_for(model_path: str) -> str:
+    """Where the tokenizer of a model directory lives: an HF directory holds it; an Orbax
+    checkpoint of ours keeps it in `<root>/hf_assets`, also when `model_path` names one of the
+    root's step directories."""
+    candidates = [os.path.join(model_path, "hf_assets")]
+    if os.path.basename(os.path.normpath(model_path)).isdigit():  # a step directory
+        candidates.append(os.path.join(os.path.dirname(os.path.normpath(model_path)), "hf_assets"))
+    return next((c for c in candidates if os.path.isdir(c)), model_path)
+
+
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 

@@ -5,18 +5,8 @@ decoding statistics."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-
-
-def _tokenizer_dir(model_path: str, explicit: str | None) -> str:
-    if explicit:
-        return explicit
-    for candidate in (os.path.join(model_path, "hf_assets"), os.path.join(os.path.dirname(model_path), "hf_assets")):
-        if os.path.isdir(candidate):
-            return candidate
-    return model_path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,13 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from gtpo_jax.checkpoint import load_model
-    from gtpo_jax.data.tokenizer import chat_prompt, load_tokenizer, mask_token_id, stop_token_ids
+    from gtpo_jax.data.tokenizer import chat_prompt, load_tokenizer, mask_token_id, stop_token_ids, tokenizer_dir_for
     from gtpo_jax.sampling.sampler import BlockDiffusionSampler, SamplerConfig
     from gtpo_jax.logs import setup_logging
 
     setup_logging()
     try:
-        tokenizer = load_tokenizer(_tokenizer_dir(args.model, args.tokenizer))
+        tokenizer = load_tokenizer(args.tokenizer or tokenizer_dir_for(args.model))
         model = load_model(args.model, param_dtype=args.dtype, dtype=args.dtype)
         block_size = args.block_size or model.cfg.block_size or 4
         model.cfg.check_block_size(block_size, source=args.model)

@@ -10,11 +10,13 @@ import time
 
 import jax
 import numpy as np
+import yaml
 from flax import nnx
 from tqdm import tqdm
 
 from gtpo_jax.config import Config
-from gtpo_jax.config_loader import dump_yaml, to_dict
+from gtpo_jax.config_loader import ConfigError, config_differences, dump_yaml, to_dict
+from gtpo_jax.data.tokenizer import tokenizer_dir_for
 from gtpo_jax.distributed import barrier
 from gtpo_jax.logs import setup_logging
 from gtpo_jax.metrics import MetricsWriter, WandbWriter, format_line, import_wandb
@@ -23,6 +25,9 @@ from gtpo_jax.sharding import (MeshConfig, build_mesh, optimizer_shardings, repl
 from gtpo_jax.trainers.common import BadStepGuard, build_model, make_optimizer, make_update_step
 
 log = logging.getLogger("gtpo_jax")
+# Keys that may change between a run and its resumption: how the run is saved, evaluated, laid
+# out on devices and logged, not what it computes.
+RESUMABLE_KEYS = ("checkpoint.", "eval.", "mesh.", "gpu.", "distributed.", "train.log_every", "train.wandb_project")
 
 
 class TrainingSession:
@@ -37,10 +42,15 @@ class TrainingSession:
         cfg.validate()
         if cfg.train.wandb_project and jax.process_index() == 0:
             import_wandb()  # a missing optional package fails now, not after the model is loaded
+        self._tiny_tokenizer = cfg.data.synthetic and cfg.tokenizer.path is None and cfg.model.path is None
+        cfg.resolve_paths()
         self.cfg = cfg
         os.makedirs(cfg.output_dir, exist_ok=True)
-        with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
-            f.write(dump_yaml(cfg))
+        self._check_against_stored_config()
+        barrier("config checked")
+        if jax.process_index() == 0:
+            with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
+                f.write(dump_yaml(cfg))  # the resolved config: what this run reads
         if cfg.data.synthetic:
             # Process 0 writes the task files and the tokenizer; the others then find them.
             if jax.process_index() == 0:
@@ -89,28 +99,43 @@ class TrainingSession:
         self.eval_results: dict[str, dict] = {}
 
     # ---- set-up ------------------------------------------------------------------------
+    def _check_against_stored_config(self) -> None:
+        """A run that will resume must not silently continue under another config: the keys that
+        differ from the stored config.yaml stop it, unless checkpoint.accept_config_changes."""
+        stored_path = os.path.join(self.cfg.output_dir, "config.yaml")
+        ckpt_dir = os.path.join(self.cfg.output_dir, "checkpoints")
+        if not (self.cfg.checkpoint.resume and os.path.isfile(stored_path) and os.path.isdir(ckpt_dir)
+                and any(name.isdigit() for name in os.listdir(ckpt_dir))):
+            return
+        with open(stored_path) as f:
+            stored = yaml.safe_load(f) or {}
+        changes = config_differences(stored, to_dict(self.cfg), to_dict(Config(stage=self.cfg.stage)),
+                                     ignore=RESUMABLE_KEYS)
+        if not changes:
+            return
+        if self.cfg.checkpoint.accept_config_changes:
+            log.warning("resuming %s with a changed config (accepted): %s", self.cfg.output_dir, "; ".join(changes))
+            return
+        raise ConfigError(
+            f"{self.cfg.output_dir} holds a run made with another config; resuming it would mix the two. "
+            f"Changed: {'; '.join(changes)}. To resume with the new values set checkpoint.accept_config_changes=true; "
+            "to start over in this directory set checkpoint.resume=false; or choose another output_dir"
+        )
+
     def _prepare_synthetic_task(self) -> None:
         from gtpo_jax.data.synthetic import write_synthetic_task
         from gtpo_jax.data.tokenizer import build_tiny_tokenizer
 
         d = self.cfg.data
-        data_dir = os.path.join(self.cfg.output_dir, "data")
-        paths = write_synthetic_task(data_dir, n_train=d.synthetic_train, n_eval=d.synthetic_eval,
-                                     seed=d.shuffle_seed, digits=d.synthetic_digits)
-        if not d.train_files:
-            d.train_files = [paths["sft_train" if self.cfg.stage == "sft" else "rl_train"]]
-        if not d.eval_files:
-            d.eval_files = [paths["rl_eval"]]
-        if self.cfg.tokenizer.path is None and self.cfg.model.path is None:
-            self.cfg.tokenizer.path = build_tiny_tokenizer(os.path.join(self.cfg.output_dir, "tokenizer"))
+        write_synthetic_task(os.path.join(self.cfg.output_dir, "data"), n_train=d.synthetic_train,
+                             n_eval=d.synthetic_eval, seed=d.shuffle_seed, digits=d.synthetic_digits)
+        if self._tiny_tokenizer:
+            build_tiny_tokenizer(self.cfg.tokenizer.path)
 
     def _tokenizer_dir(self) -> str:
-        path = self.cfg.tokenizer.path or self.cfg.model.path
-        if path and os.path.isdir(os.path.join(path, "hf_assets")):  # an Orbax checkpoint of ours
-            path = os.path.join(path, "hf_assets")
-        if not path:
+        if not self.cfg.tokenizer.path:
             raise ValueError("set tokenizer.path (or model.path to an HF directory that holds the tokenizer)")
-        return path
+        return self.cfg.tokenizer.path
 
     def _hf_assets_source(self, tok_dir: str) -> dict | str:
         """config.json of the model + tokenizer files, so that every checkpoint exports to HF."""
@@ -118,7 +143,7 @@ class TrainingSession:
 
     def _source_hf_config(self) -> dict | None:
         path = self.cfg.model.path
-        for candidate in (path, os.path.join(path, "hf_assets") if path else None):
+        for candidate in (path, tokenizer_dir_for(path) if path else None):
             if candidate and os.path.isfile(os.path.join(candidate, "config.json")):
                 import json
 
