@@ -109,8 +109,8 @@ class CheckpointSection:
     export_hf: bool = True  # write an HF directory at the end of the run
     # dtype of the final HF export; null = the parameters' dtype
     export_dtype: Optional[Literal["float32", "bfloat16"]] = None
-    # Resume although the config differs from the run's stored config.yaml (keys that only say how
-    # a run is saved, evaluated, placed or logged may always change: session.RESUMABLE_KEYS).
+    # Resume although the config differs from the run's stored config.yaml (train.steps and keys that
+    # only say how a run is saved, evaluated, placed or logged may always change: RESUMABLE_KEYS).
     accept_config_changes: bool = False
 
 

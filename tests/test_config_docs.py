@@ -89,7 +89,7 @@ def test_changed_config_does_not_resume_silently(tmp_path):
         TrainingSession(first, make_data=_stop_after_checks)
     (out / "checkpoints" / "10").mkdir(parents=True)  # as if the first run had saved step 10
     # The same config resumes; so does one that only changes how the run is saved or logged.
-    for extra in ([], ["checkpoint.save_every=5", "train.log_every=2", "eval.every=3"]):
+    for extra in ([], ["train.steps=800", "checkpoint.save_every=5", "train.log_every=2", "eval.every=3"]):
         with pytest.raises(_Stop):
             TrainingSession(load_config(Config, SFT_TINY, base + extra), make_data=_stop_after_checks)
 

@@ -25,9 +25,10 @@ from gtpo_jax.sharding import (MeshConfig, build_mesh, optimizer_shardings, repl
 from gtpo_jax.trainers.common import BadStepGuard, build_model, make_optimizer, make_update_step
 
 log = logging.getLogger("gtpo_jax")
-# Keys that may change between a run and its resumption: how the run is saved, evaluated, laid
+# Keys that may change between a run and its resumption: how long it runs, how it is saved, evaluated, laid
 # out on devices and logged, not what it computes.
-RESUMABLE_KEYS = ("checkpoint.", "eval.", "mesh.", "gpu.", "distributed.", "train.log_every", "train.wandb_project")
+RESUMABLE_KEYS = ("checkpoint.", "eval.", "mesh.", "gpu.", "distributed.", "train.steps", "train.log_every",
+                  "train.wandb_project")
 
 
 class TrainingSession:
