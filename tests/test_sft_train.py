@@ -122,8 +122,7 @@ def file_overrides(tmp_path, data_file) -> list[str]:
         f"data.train_files=[{data_file}]", f"tokenizer.path={tok}"]
 
 
-GOOD = {"prompt": "<|im_start|>user\nWhat is 1 + 2?<|im_end|>\n<|im_start|>assistant\n",
-        "response": "\\boxed{3}<|im_end|><|endoftext|>"}
+GOOD = {"prompt": "What is 1 + 2?", "response": "\\boxed{3}"}  # raw texts: template and stop tokens added
 
 
 @pytest.mark.parametrize(

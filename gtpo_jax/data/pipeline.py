@@ -11,7 +11,7 @@ import grain
 import numpy as np
 
 from gtpo_jax.data.records import RecordError, RLQuestion, SFTRecord, read_rl_records, read_sft_records
-from gtpo_jax.data.tokenizer import chat_prompt
+from gtpo_jax.data.tokenizer import chat_prompt, stop_token_ids
 
 log = logging.getLogger("gtpo_jax")
 
@@ -59,10 +59,21 @@ class SFTData:
         self._dataset = ds.map(self._tokenize).to_iter_dataset()
         self._iter = iter(self._dataset)
         self.counters = {"truncated": 0, "skipped": 0, "seen": 0}
+        # Every response ends with the stop tokens (SDAR: <|im_end|><|endoftext|>), so that the model
+        # learns to stop; the prompt goes through the tokenizer's own chat template.
+        self.stop_ids = stop_token_ids(tokenizer)
+        if not self.stop_ids:
+            raise RecordError("the tokenizer has no stop token (<|im_end|>, <|endoftext|> or an eos token): SFT "
+                              "responses would train without one; use the model's own tokenizer")
+        if not getattr(tokenizer, "chat_template", None):
+            raise RecordError("the tokenizer has no chat template, which SFT records are rendered with; use the "
+                              "model's own tokenizer (its tokenizer_config.json or chat_template.jinja)")
+        self._stop_texts = [tokenizer.convert_ids_to_tokens(i) for i in self.stop_ids]
 
     def _tokenize(self, record: SFTRecord) -> SFTSample:
-        prompt = np.asarray(self.tokenizer.encode(record.prompt, add_special_tokens=False), np.int32)
-        response = np.asarray(self.tokenizer.encode(record.response, add_special_tokens=False), np.int32)
+        prompt_text, response_text = self._texts(record)
+        prompt = np.asarray(self.tokenizer.encode(prompt_text, add_special_tokens=False), np.int32)
+        response = np.asarray(self.tokenizer.encode(response_text, add_special_tokens=False) + self.stop_ids, np.int32)
         if len(prompt) >= self.max_len:
             if self.prompt_too_long == "error":
                 raise RecordError(
@@ -75,6 +86,26 @@ class SFTData:
                 return SFTSample(prompt, response, "skipped")
             return SFTSample(prompt, response[: self.max_len - len(prompt)], "truncated")
         return SFTSample(prompt, response)
+
+    def _texts(self, record: SFTRecord) -> tuple[str, str]:
+        """(prompt, response) text: the prompt rendered by the chat template up to the assistant's
+        turn; the response without its stop tokens (the caller appends them as ids)."""
+        render = self.tokenizer.apply_chat_template
+        if not record.messages:
+            prompt = render([{"role": "user", "content": record.prompt}], tokenize=False, add_generation_prompt=True)
+            return prompt, record.response
+        turns = [{"role": role, "content": content} for role, content in record.messages]
+        prompt = render(turns[:-1], tokenize=False, add_generation_prompt=True)
+        full = render(turns, tokenize=False)
+        if not full.startswith(prompt):
+            raise RecordError(
+                "the tokenizer's chat template renders a conversation differently from its prompt part "
+                f"(conversation starts {full[:80]!r}); this template cannot split prompt and response"
+            )
+        response = full[len(prompt):].rstrip()
+        while any(response.endswith(t) for t in self._stop_texts):  # the template's own end of turn
+            response = response[: -len(next(t for t in self._stop_texts if response.endswith(t)))].rstrip()
+        return prompt, response
 
     def batches(self, batch_size: int) -> Iterator[tuple[list[tuple[np.ndarray, np.ndarray]], dict]]:
         """Yields (samples, stats); stats count what was truncated or skipped to fill this batch."""

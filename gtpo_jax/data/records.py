@@ -10,6 +10,8 @@ from typing import Iterable, Iterator
 EVAL_SETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval_sets")
 BUILTIN_PREFIX = "builtin:"  # `builtin:math500.jsonl` names a file shipped in EVAL_SETS_DIR
 SFT_FIELDS = ("prompt", "response")
+# Chat markup that a raw SFT text must not carry: the template and stop tokens are added for it.
+CHAT_MARKUP = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
 RL_FIELDS = ("question", "ground_truth_answer")
 
 
@@ -19,8 +21,13 @@ class RecordError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class SFTRecord:
-    prompt: str
-    response: str
+    """One SFT example: raw `prompt` and `response` texts, or a conversation (`messages`, as
+    (role, content) pairs, the last one the assistant's turn to learn). The chat template and
+    the stop tokens are added when tokenizing (`gtpo_jax.data.pipeline`)."""
+
+    prompt: str = ""
+    response: str = ""
+    messages: tuple[tuple[str, str], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,10 +106,39 @@ def _fields(location: str, row, names: tuple[str, ...]) -> list[str]:
     return out
 
 
+def _sft_record(location: str, row) -> SFTRecord:
+    if isinstance(row, dict) and "messages" in row:
+        return SFTRecord(messages=_messages(location, row["messages"]))
+    prompt, response = _fields(location, row, SFT_FIELDS)
+    for name, text in (("prompt", prompt), ("response", response)):
+        markup = [m for m in CHAT_MARKUP if m in text]
+        if markup:
+            raise RecordError(
+                f"{location}: field {name!r} holds chat markup {markup}; give the raw text: the model's chat "
+                "template is applied to the prompt and the stop tokens are appended to the response when "
+                "tokenizing (or give the conversation as {\"messages\": [...]})"
+            )
+    return SFTRecord(prompt, response)
+
+
+def _messages(location: str, messages) -> tuple[tuple[str, str], ...]:
+    if not isinstance(messages, list) or len(messages) < 2:
+        raise RecordError(f"{location}: 'messages' must be a list of at least two {{role, content}} turns")
+    out = []
+    for i, turn in enumerate(messages):
+        if not (isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)):
+            raise RecordError(f"{location}: messages[{i}] must be an object with string 'role' and 'content'")
+        out.append((turn["role"], turn["content"]))
+    if out[-1][0] != "assistant":
+        raise RecordError(f"{location}: the last message must be the assistant's (the response that is trained), "
+                          f"got role {out[-1][0]!r}")
+    return tuple(out)
+
+
 def read_sft_records(path: str) -> list[SFTRecord]:
-    records = [SFTRecord(*_fields(loc, row, SFT_FIELDS)) for loc, row in _iter_raw(path)]
+    records = [_sft_record(loc, row) for loc, row in _iter_raw(path)]
     if not records:
-        raise RecordError(f"{path}: no records; an SFT dataset needs at least one {{prompt, response}} record")
+        raise RecordError(f"{path}: no records; an SFT dataset needs {{prompt, response}} or {{messages}} records")
     return records
 
 

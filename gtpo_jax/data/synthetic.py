@@ -13,9 +13,7 @@ import os
 
 import numpy as np
 
-from gtpo_jax.data.tokenizer import chat_prompt
-
-RESPONSE_END = "<|im_end|><|endoftext|>"
+from gtpo_jax.data.tokenizer import INSTRUCTION
 
 
 @dataclasses.dataclass
@@ -74,8 +72,9 @@ def write_synthetic_task(out_dir: str, n_train: int, n_eval: int, seed: int = 0,
                 f.write(json.dumps(row) + "\n")
         os.replace(tmp, path)
 
-    dump(paths["sft_train"], [{"prompt": chat_prompt(e.question), "response": e.response + RESPONSE_END}
-                              for e in train_set])
+    # The SFT prompt is the user's message (question and instruction); the chat template and the
+    # stop tokens are added when tokenizing, giving the same tokens as the RL prompt template.
+    dump(paths["sft_train"], [{"prompt": f"{e.question}\n{INSTRUCTION}", "response": e.response} for e in train_set])
     dump(paths["rl_train"], [{"question": e.question, "ground_truth_answer": e.answer} for e in train_set])
     dump(paths["rl_eval"], [{"question": e.question, "ground_truth_answer": e.answer} for e in eval_set])
     return paths

@@ -11,10 +11,8 @@ import os
 
 MASK_TOKEN = "<|MASK|>"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", MASK_TOKEN]
-DEFAULT_TEMPLATE = (
-    "<|im_start|>user\n{question}\nPlease reason step by step, and put your final answer within "
-    "$\\boxed{{}}$.<|im_end|>\n<|im_start|>assistant\n"
-)
+INSTRUCTION = "Please reason step by step, and put your final answer within $\\boxed{}$."
+DEFAULT_TEMPLATE = "<|im_start|>user\n{question}\n" + INSTRUCTION.replace("{}", "{{}}") + "<|im_end|>\n<|im_start|>assistant\n"
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
