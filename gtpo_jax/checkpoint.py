@@ -48,9 +48,9 @@ log = logging.getLogger(__name__)
 
 HF_ASSETS = "hf_assets"
 INCOMPLETE = "incomplete"
-# Orbax (0.12) writes these into a step directory last, after every item is on disk; a step
-# directory without them was cut short (or copied half-way) and must not be resumed from.
-_COMMIT_MARKERS = ("_CHECKPOINT_METADATA", "commit_success.txt")
+# Orbax's step metadata, written when a save is finalised: a step directory that Orbax calls
+# finalised but that lacks it was copied half-way (or by hand) and must not be resumed from.
+_STEP_METADATA = "_CHECKPOINT_METADATA"
 _TMP_STEP_RE = re.compile(r"^\d+\.orbax-checkpoint-tmp")  # orbax's in-progress step directories
 _EXTRA_NAME_RE = re.compile(r"^[A-Za-z0-9_]+$")
 
@@ -104,7 +104,7 @@ class Checkpointer:
     """Saves and restores training state every `save_every` steps, keeping the last `keep` steps.
 
     Interrupted saves are ignored with a warning: orbax's temporary step directories are removed
-    (orbax's own clean-up), and step directories lacking orbax's commit markers are moved to
+    (orbax's own clean-up), and step directories orbax does not call finalised (or without its step metadata) go to
     `<root>/incomplete/` (so that neither a resume nor orbax's keep-K bookkeeping counts them,
     and so that a new save of that step is not refused). `read_only=True` (used by `load_model`
     and `orbax_to_hf`) changes nothing on disk and just skips them.
@@ -127,7 +127,7 @@ class Checkpointer:
             if not os.path.isdir(self.directory):
                 raise FileNotFoundError(f"checkpoint directory {self.directory} does not exist")
             for name in self._incomplete_entries():
-                log.warning("ignoring %s/%s: an interrupted save (no orbax commit marker)", self.directory, name)
+                log.warning("ignoring %s/%s: an interrupted save (not finalised by orbax)", self.directory, name)
         else:
             os.makedirs(self.directory, exist_ok=True)
             self._set_aside_interrupted_saves()
@@ -144,7 +144,8 @@ class Checkpointer:
     # ---- interrupted saves -----------------------------------------------------------------
     def _is_complete(self, step: int) -> bool:
         step_dir = os.path.join(self.directory, str(step))
-        return all(os.path.exists(os.path.join(step_dir, marker)) for marker in _COMMIT_MARKERS)
+        # Orbax's own check (the atomic rename on local disks, its commit file on object stores).
+        return ocp.utils.is_checkpoint_finalized(step_dir) and os.path.exists(os.path.join(step_dir, _STEP_METADATA))
 
     def _incomplete_entries(self) -> list[str]:
         names = []
@@ -164,7 +165,7 @@ class Checkpointer:
                     continue
                 dest = os.path.join(self.directory, INCOMPLETE, f"{name}-{int(time.time())}")
                 log.warning(
-                    "ignoring step %s in %s: an interrupted save (no orbax commit marker); moved it to %s, "
+                    "ignoring step %s in %s: an interrupted save (not finalised by orbax); moved it to %s, "
                     "delete it once you no longer need it", name, self.directory, dest,
                 )
                 os.makedirs(os.path.dirname(dest), exist_ok=True)

@@ -16,6 +16,7 @@ from typing import Optional
 
 import jax
 import numpy as np
+from orbax.checkpoint import multihost
 
 log = logging.getLogger("gtpo_jax")
 
@@ -86,11 +87,11 @@ def barrier(name: str, timeout_s: float = 600.0) -> None:
     apart, which uneven host work (process 0 writing shared files, slow start-up) can exceed."""
     if jax.process_count() == 1:
         return
-    from jax._src import distributed as jax_distributed
-
     global _barriers
     _barriers += 1  # every process passes the same barriers in the same order: unique, agreed ids
-    jax_distributed.global_state.client.wait_at_barrier(f"gtpo_jax:{_barriers}:{name}", int(timeout_s * 1000))
+    # Orbax's public barrier over the coordination service (its sync_global_processes would use a
+    # device collective for an all-process barrier).
+    multihost.get_barrier_sync_fn()(key=f"gtpo_jax:{_barriers}:{name}", timeout_ms=int(timeout_s * 1000))
 
 
 def broadcast_from_first(tree):

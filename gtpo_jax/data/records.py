@@ -63,7 +63,11 @@ def _iter_raw(path: str) -> Iterator[tuple[str, object]]:
         raise RecordError(f"data file {path} does not exist")
     lower = path.lower()
     if lower.endswith(".parquet"):
-        import pyarrow.parquet as pq
+        try:
+            import pyarrow.parquet as pq  # optional: the `parquet` extra
+        except ImportError:
+            raise RecordError(f"{path}: reading Parquet needs pyarrow: pip install -e '.[parquet]' "
+                              "(or convert the file to JSONL)") from None
 
         for i, row in enumerate(pq.read_table(path).to_pylist()):
             yield f"{path}[record {i}]", row
