@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import chex
 import numpy as np
 
 from gtpo_jax.layout import PackedBatch, SampleLayout, pack
@@ -57,7 +58,16 @@ def stack_micro_batches(
             arrays[name] = _pad_first(np.asarray(values), targets)
         for k, v in arrays.items():
             stacked.setdefault(k, []).append(v)
-    return {k: np.stack(v) for k, v in stacked.items()}, packed
+    out = {k: np.stack(v) for k, v in stacked.items()}
+    # The update step's contract: row arrays [micro_batches, rows, row_len], per-target arrays
+    # [micro_batches, targets], integer token ids and positions (a mismatch would surface as a
+    # shape error deep inside jit, or as a silent float cast).
+    row_arrays = [v for v in out.values() if v.ndim == 3]
+    chex.assert_equal_shape(row_arrays)
+    chex.assert_shape(row_arrays[0], (len(groups), rows, row_arrays[0].shape[2]))
+    chex.assert_equal_shape([v for k, v in out.items() if k.startswith("target_") or k in extra])
+    chex.assert_type([out["tokens"], out["target_index"], out["target_token"]], int)
+    return out, packed
 
 
 def split_evenly(items: Sequence, parts: int) -> list[list]:
