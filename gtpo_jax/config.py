@@ -1,7 +1,7 @@
 """The typed configuration tree of a run: YAML file + `key=value` overrides (see config_loader).
 
 One tree for every stage; `stage` picks the trainer and the sections it reads. Defaults are
-SPEC's bracketed values.
+the bracketed values of docs/algorithm.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The noisy-copy layout shared by SFT (random masks) and GTPO (trajectory states), SPEC §3–§4.
+"""The noisy-copy layout shared by SFT (random masks) and GTPO (trajectory states), docs/algorithm.md §3–§4.
 
 A sample is its clean sequence (prompt + response, block-causal, computed once) followed by
 noisy copies of some of its blocks. A copy of block j holds all B slots of block j at the
@@ -92,7 +92,7 @@ def trajectory_layout(
     shrink: int = 1,
     tail: tuple[Sequence[int], Sequence[int]] | None = None,
 ) -> SampleLayout:
-    """SPEC §3: one copy per (block, group of `shrink` distinct steps) of the response.
+    """docs/algorithm.md §3: one copy per (block, group of `shrink` distinct steps) of the response.
 
     The copy for a group whose first step is d masks every response slot of the block with
     step >= d (and tail slots with step >= d; slots past the response without a known tail are
@@ -155,7 +155,7 @@ def sft_layout(
     post_num: int = 0,
     num_noisy_copies: int = 1,
 ) -> SampleLayout:
-    """SPEC §4: each response token (and up to `post_num` pad tokens after it) is masked with
+    """docs/algorithm.md §4: each response token (and up to `post_num` pad tokens after it) is masked with
     probability p ~ U(lower_p, upper_p), drawn per block or per token; one copy per response
     block per noisy copy, each with an independent mask. The last block is filled with pad
     tokens, the first `post_num` of which are maskable targets (they teach stopping)."""

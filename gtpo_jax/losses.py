@@ -1,4 +1,4 @@
-"""Log-likelihoods at target slots and the SFT / GTPO objectives (SPEC §3–§5).
+"""Log-likelihoods at target slots and the SFT / GTPO objectives (docs/algorithm.md §3–§5).
 
 Only target slots are projected to the vocabulary, in chunks under `jax.checkpoint`, so neither
 the forward nor the backward ever holds [rows, L, vocab] logits.
@@ -41,7 +41,7 @@ def target_logprobs(model: SDARModel, batch: dict, *, vocab_chunk: int = 256) ->
 
 def sft_loss(logprobs: jax.Array, weights: jax.Array) -> jax.Array:
     """Σ −w_t·l_t. With w_t = 1 / (targets of t's sample · samples with targets), this is the
-    mean over samples of each sample's mean NLL (SPEC §4); weights are global so that
+    mean over samples of each sample's mean NLL (docs/algorithm.md §4); weights are global so that
     micro-batches add up to the full-batch loss."""
     return -(weights * logprobs).sum()
 
@@ -57,7 +57,7 @@ def gtpo_token_terms(
     ref_logprobs: jax.Array | None = None,
     tis_weight: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Per-token loss terms of SPEC §5.4: −min(ρA, clip(ρ)A) (× truncated IS weight) + β·k3."""
+    """Per-token loss terms of docs/algorithm.md §5.4: −min(ρA, clip(ρ)A) (× truncated IS weight) + β·k3."""
     ratio = jnp.exp(jnp.clip(logprobs - old_logprobs, -10.0, 10.0))
     clipped = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
     surrogate = jnp.minimum(ratio * advantages, clipped * advantages)

@@ -1,4 +1,4 @@
-"""Trajectory log-likelihood of block-diffusion rollouts (SPEC §3), the public scoring API."""
+"""Trajectory log-likelihood of block-diffusion rollouts (docs/algorithm.md §3), the public scoring API."""
 
 from __future__ import annotations
 

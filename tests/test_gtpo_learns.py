@@ -53,7 +53,7 @@ def first_token_is_digit(inputs, weights, grader=None, *, need_correct=False, **
 
 
 def tokens_per_forward_reward(inputs, weights, grader=None, *, need_correct=False, **params):
-    """The speed reward alone: tokens per forward / B, whatever the text (SPEC §5.1 without the
+    """The speed reward alone: tokens per forward / B, whatever the text (docs/algorithm.md §5.1 without the
     correctness gate, so that a random model has a signal). "Right" for DAPO: some forward
     committed more than one token."""
     speed = get_reward("speed").fn

@@ -1,4 +1,4 @@
-"""GTPO loss and gradient against a direct per-token implementation of SPEC §5.3–§5.4."""
+"""GTPO loss and gradient against a direct per-token implementation of docs/algorithm.md §5.3–§5.4."""
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +14,7 @@ EPS_LOW, EPS_HIGH = 0.2, 0.28
 
 
 def token_states(prompt, response, steps):
-    """Every response token's state S_t (SPEC §3) as an explicit sequence, plus its slot."""
+    """Every response token's state S_t (docs/algorithm.md §3) as an explicit sequence, plus its slot."""
     p = len(prompt)
     states = []
     for t in range(len(response)):
@@ -31,7 +31,7 @@ def token_states(prompt, response, steps):
 
 def direct_loss(params, graphdef, rollouts, loss_norm, beta, tis_cap):
     """One padded row per token state, scored by a plain forward; terms and normalisation
-    written out per SPEC."""
+    written out per docs/algorithm.md."""
     model = nnx.merge(graphdef, params)
     rows, slots, targets, owners = [], [], [], []
     for i, r in enumerate(rollouts):

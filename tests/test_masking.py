@@ -1,4 +1,4 @@
-"""SFT masking statistics (SPEC §4) and post_num behaviour."""
+"""SFT masking statistics (docs/algorithm.md §4) and post_num behaviour."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Rewards (SPEC §5.1): answer extraction, math-verify grading, the time-limited Grader, every
+"""Rewards (docs/algorithm.md §5.1): answer extraction, math-verify grading, the time-limited Grader, every
 reward function against hand-computed values, weighted sums and the registry.
 
 Rewards take decoded text, so no tokenizer is involved here.

@@ -1,4 +1,4 @@
-"""The cached block-diffusion sampler against a naive one written here from SPEC §2.
+"""The cached block-diffusion sampler against a naive one written here from docs/algorithm.md §2.
 
 The naive sampler re-runs the full block-causal forward over the whole sequence (no cache) at
 every step and applies the decoding rules in numpy, one sequence at a time. For sampled
@@ -63,7 +63,7 @@ def np_filter(scores, top_k, top_p):
 
 
 def naive_sample(model, prompt, c: SamplerConfig, seed, index, *, renormalise=False, unscaled_conf=False):
-    """SPEC §2 for one sequence. `renormalise` / `unscaled_conf` are deliberately wrong variants
+    """docs/algorithm.md §2 for one sequence. `renormalise` / `unscaled_conf` are deliberately wrong variants
     (confidence after top-k/top-p renormalisation / without temperature and stop suppression),
     used to show that the tests can tell them apart."""
     p, limit = len(prompt), len(prompt) + c.max_new_tokens

@@ -1,4 +1,4 @@
-"""token_logprobs against a naive scorer: one full forward per token state, built per SPEC §3."""
+"""token_logprobs against a naive scorer: one full forward per token state, built per docs/algorithm.md §3."""
 
 import jax
 import numpy as np

@@ -24,7 +24,7 @@ class TokenizerError(ValueError):
 
 
 def chat_prompt(question: str, template: str = DEFAULT_TEMPLATE, think: bool = False) -> str:
-    """SPEC §6 prompt: the question in a user turn with the boxed-answer instruction."""
+    """docs/algorithm.md §6 prompt: the question in a user turn with the boxed-answer instruction."""
     return template.format(question=question) + ("<think>" if think else "")
 
 

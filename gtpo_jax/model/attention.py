@@ -9,9 +9,9 @@ the same non-padding segment and either
 * the key is clean and lies in an earlier block, or
 * the key lies in the query's own block and own copy.
 
-For clean tokens this is SPEC §1's rule ``k // B <= q // B`` (bidirectional inside a block,
+For clean tokens this is docs/algorithm.md §1's rule ``k // B <= q // B`` (bidirectional inside a block,
 causal across blocks); a noisy copy of block j sees the clean blocks < j and itself, and no
-clean token ever sees a noisy copy (SPEC §3), so packed samples, noisy copies and a KV cache
+clean token ever sees a noisy copy (docs/algorithm.md §3), so packed samples, noisy copies and a KV cache
 of finished blocks all follow from the same three ids.
 
 The kernel is a tiled online-softmax (flash) attention written in JAX with a custom VJP that

@@ -1,4 +1,4 @@
-"""SDAR / Qwen3 decoder in Flax NNX (SPEC §1).
+"""SDAR / Qwen3 decoder in Flax NNX (docs/algorithm.md §1).
 
 Parameters carry ``logical_axes`` metadata; `gtpo_jax.sharding` maps them onto the mesh.
 The model returns final-norm hidden states; `SDARModel.logits` projects to the vocabulary so

@@ -1,4 +1,4 @@
-"""Rewards for GTPO (SPEC §5.1) and answer grading shared with evaluation.
+"""Rewards for GTPO (docs/algorithm.md §5.1) and answer grading shared with evaluation.
 
 `Grader` grades (text, ground truth) pairs in time-limited worker processes;
 `compute_rewards` turns rollouts (`RewardInput`) into the weighted scalar reward;

@@ -1,4 +1,4 @@
-"""Reward functions (SPEC §5.1), their registry, and the weighted sum the GTPO trainer uses.
+"""Reward functions (docs/algorithm.md §5.1), their registry, and the weighted sum the GTPO trainer uses.
 
 A reward function is `fn(inp: RewardInput, correct: bool | None, params: Mapping) -> float`;
 `correct` is None for functions registered without `needs_correct` (grading is the expensive
@@ -28,7 +28,7 @@ class RewardInput:
     ground_truth: str
     num_tokens: int  # response length in tokens
     truncated: bool = False  # cut at max_new_tokens
-    step_map: Any = None  # per-token forward index (SPEC §2); None/empty when unknown
+    step_map: Any = None  # per-token forward index (docs/algorithm.md §2); None/empty when unknown
     block_size: int = 4
     max_new_tokens: int = 0
 
@@ -67,7 +67,7 @@ def get_reward(name: str) -> RewardFunction:
     return _REGISTRY[name]
 
 
-# -- built-in rewards (SPEC §5.1) ----------------------------------------------------------------
+# -- built-in rewards (docs/algorithm.md §5.1) ----------------------------------------------------------------
 
 @register_reward("accuracy", needs_correct=True)
 def accuracy_reward(inp: RewardInput, correct: bool | None, params: Mapping[str, Any]) -> float:
@@ -162,7 +162,7 @@ def compute_rewards(inputs: Sequence[RewardInput], weights: Mapping[str, float],
 
     Grades with `grader` (a `Grader`) only when a configured reward needs correctness or
     `need_correct` asks for it (the trainer's DAPO filter does). A truncated response is never
-    graded and counts as wrong (SPEC: accuracy 0 when cut). metrics: `correct` (bool array, or
+    graded and counts as wrong (docs/algorithm.md §5.1: accuracy 0 when cut). metrics: `correct` (bool array, or
     None when not graded), `grader/<status>` counts for this call, `truncated`, `grade_s`.
     """
     if not weights:

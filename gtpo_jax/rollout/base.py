@@ -14,8 +14,8 @@ import numpy as np
 class Rollout:
     prompt: np.ndarray  # int32 prompt ids
     tokens: np.ndarray  # int32 response ids, cut after the stop token / at max_new_tokens
-    step_map: np.ndarray  # int32, SPEC §2 counting rule
-    logprobs: np.ndarray | None  # engine's raw log-probs at the committing forward (SPEC §2)
+    step_map: np.ndarray  # int32, docs/algorithm.md §2 counting rule
+    logprobs: np.ndarray | None  # engine's raw log-probs at the committing forward (docs/algorithm.md §2)
     tail_tokens: np.ndarray | None  # tokens after the cut up to the end of its block (None: unknown)
     tail_steps: np.ndarray | None
     finish_reason: str  # "stop" | "length"

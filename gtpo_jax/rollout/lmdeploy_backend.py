@@ -2,7 +2,7 @@
 
 Only this module and `lmdeploy_patch` import LMDeploy, lazily: the core runs without it (`pip
 install .[lmdeploy]`, CUDA machines only). Supported: LMDeploy 0.18.x, the release whose decoding
-rules SPEC §2 copies. Step maps and rollout log-probs come from `lmdeploy_patch`.
+rules docs/algorithm.md §2 copies. Step maps and rollout log-probs come from `lmdeploy_patch`.
 
 
 Weights between RL steps: `Engine.update_params` (0.18: model_agent `update_params`, the RLHF
@@ -15,7 +15,7 @@ sleep (level 2) for the trainer's update and the next push wakes it (weights, pu
 
 Limits: GPU only. LMDeploy 0.18 hard-codes the SDAR mask token to 151669
 (`configurations/sdar.py`), so the tokenizer's mask id must be that one. No tail is returned
-(`Rollout.tail_tokens is None`; SPEC §3 masks the last block's unknown slots). A length-capped
+(`Rollout.tail_tokens is None`; docs/algorithm.md §3 masks the last block's unknown slots). A length-capped
 output may be up to P % B tokens shorter than `max_new_tokens` (LMDeploy's block-granular budget).
 """
 
@@ -116,7 +116,7 @@ def engine_kv_tokens(engine) -> int | None:
 
 
 class LMDeployRollout(RolloutBackend):
-    """SPEC §2 decoding on LMDeploy's in-process PyTorch engine, returning `Rollout`s with step maps
+    """docs/algorithm.md §2 decoding on LMDeploy's in-process PyTorch engine, returning `Rollout`s with step maps
     and raw rollout log-probs (no tail), in `dtype` (weights pushed and engine checked in it).
     `sleep_during_update`: `pause()` puts the engine to sleep (level 2: weights and KV cache freed)
     and the next `update_params` wakes it (weights, push, then KV cache)."""

@@ -1,4 +1,4 @@
-"""LMDeploy 0.18's step maps and rollout log-probs, recorded without a fork (SPEC §2).
+"""LMDeploy 0.18's step maps and rollout log-probs, recorded without a fork (docs/algorithm.md §2).
 
 Released LMDeploy returns neither: its outputs only
 say which tokens a finished block holds, and its logprobs are those of the forward that *completed*
@@ -72,7 +72,7 @@ def check_cuda() -> None:
 class StepRecord:
     """What one sequence's forwards committed: absolute position -> forward index / raw log-prob."""
 
-    counter: int = 0  # forwards that committed at least one slot (SPEC §2 counting rule)
+    counter: int = 0  # forwards that committed at least one slot (docs/algorithm.md §2 counting rule)
     forwards: int = 0  # all forwards that processed the sequence
     steps: dict[int, int] = dataclasses.field(default_factory=dict)
     logprobs: dict[int, float] = dataclasses.field(default_factory=dict)

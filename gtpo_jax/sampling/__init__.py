@@ -1,4 +1,4 @@
-"""Block-diffusion sampling (SPEC §2): `BlockDiffusionSampler` under a `SamplerConfig`."""
+"""Block-diffusion sampling (docs/algorithm.md §2): `BlockDiffusionSampler` under a `SamplerConfig`."""
 
 from gtpo_jax.sampling.sampler import (
     STRATEGIES,

@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", required=True, help="HF directory or Orbax checkpoint (root or step directory)")
     ap.add_argument("--tokenizer", help="tokenizer directory (default: next to the model)")
     ap.add_argument("--prompt", action="append", required=True, help="may be repeated")
-    ap.add_argument("--chat", action="store_true", help="wrap each prompt in the SPEC §6 chat template")
+    ap.add_argument("--chat", action="store_true", help="wrap each prompt in the docs/algorithm.md §6 chat template")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--min-new-tokens", type=int, default=0)
     ap.add_argument("--strategy", choices=STRATEGIES, default="low_confidence_dynamic")

@@ -1,4 +1,4 @@
-"""Batched block-diffusion generation with a KV cache (SPEC §2, LMDeploy 0.18's dLLM rules).
+"""Batched block-diffusion generation with a KV cache (docs/algorithm.md §2, LMDeploy 0.18's dLLM rules).
 
 The whole generation of a batch is one jitted `lax.while_loop`. Every iteration runs one
 forward of 2·B slots per sequence on top of a preallocated KV cache:
@@ -44,7 +44,7 @@ STRATEGIES = ("low_confidence_static", "low_confidence_dynamic", "sequential")
 
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
-    """Decoding rules (SPEC §2) and the memory budget of one jitted call."""
+    """Decoding rules (docs/algorithm.md §2) and the memory budget of one jitted call."""
 
     block_size: int
     mask_id: int

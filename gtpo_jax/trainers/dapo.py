@@ -1,4 +1,4 @@
-"""DAPO dynamic sampling (SPEC §5.2): keep only groups whose accuracy is strictly between 0 and 1.
+"""DAPO dynamic sampling (docs/algorithm.md §5.2): keep only groups whose accuracy is strictly between 0 and 1.
 
 Prompts come in order from a resumable cursor. Each round draws `oversample` × (groups still
 needed) prompts, rolls them out and scores them; rounds repeat until `num_task_per_step`

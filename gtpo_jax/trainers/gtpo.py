@@ -1,4 +1,4 @@
-"""Stage 2: GTPO — rollouts, rewards, DAPO filtering, advantages, trajectory objective (SPEC §5)."""
+"""Stage 2: GTPO — rollouts, rewards, DAPO filtering, advantages, trajectory objective (docs/algorithm.md §5)."""
 
 from __future__ import annotations
 
@@ -186,7 +186,7 @@ def rollout_metrics(groups: list[ScoredGroup], cfg: Config) -> dict:
 
 
 def update_policy(session, groups: list[ScoredGroup], cfg: Config, reference) -> dict:
-    """One optimizer step per mini-batch, `num_iterations` passes (SPEC §5.4–§5.5)."""
+    """One optimizer step per mini-batch, `num_iterations` passes (docs/algorithm.md §5.4–§5.5)."""
     g = cfg.gtpo
     advantages = group_advantages(np.stack([grp.rewards for grp in groups]))
     scored = [

@@ -1,4 +1,4 @@
-"""GTPO's per-step objective on a batch of scored rollouts (SPEC §5.3–§5.4).
+"""GTPO's per-step objective on a batch of scored rollouts (docs/algorithm.md §5.3–§5.4).
 
 Host side: rollouts -> trajectory layouts -> stacked micro-batches carrying, per target token,
 its advantage, its normalisation weight and the log-probs it is compared with. Device side:
@@ -26,7 +26,7 @@ class ScoredRollout:
     step_map: np.ndarray
     advantage: float
     tail: tuple[np.ndarray, np.ndarray] | None = None
-    rollout_logprobs: np.ndarray | None = None  # engine's log-probs (SPEC §2)
+    rollout_logprobs: np.ndarray | None = None  # engine's log-probs (docs/algorithm.md §2)
     old_logprobs: np.ndarray | None = None  # l(θ_old), needed when num_iterations > 1
     ref_logprobs: np.ndarray | None = None  # reference model, needed when beta > 0
 

@@ -1,4 +1,4 @@
-"""Stage 1: supervised fine-tuning with random block masking (SPEC §4)."""
+"""Stage 1: supervised fine-tuning with random block masking (docs/algorithm.md §4)."""
 
 from __future__ import annotations
 
