@@ -1,7 +1,7 @@
 """HF model directories (config.json + single or sharded safetensors), read and written tensor by tensor.
 
 Both directions hold at most one copy of the model in host memory: reading converts each tensor
-to our layout as it leaves its shard (read with `readinto`, not memory-mapped), and writing converts each tensor to the HF layout (dropping
+to our layout as it leaves its shard (`safetensors.safe_open`, one tensor per opening), and writing converts each tensor to the HF layout (dropping
 the source when the caller hands over an iterator that lets go of it, as `orbax_to_hf` does), then
 writes every shard straight from those arrays (safetensors >= 0.8 serialises from the arrays'
 buffers, bfloat16 included, without building the file in memory).
@@ -9,6 +9,7 @@ buffers, bfloat16 included, without building the file in memory).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import json
@@ -20,6 +21,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import jax
 import ml_dtypes
 import numpy as np
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
@@ -71,64 +73,44 @@ def safetensors_files(path: str | os.PathLike) -> dict[str, str]:
         return {name: os.path.join(path, fname) for name, fname in weight_map.items()}
     single = os.path.join(path, SINGLE_SAFETENSORS)
     if os.path.isfile(single):
-        return {name: single for name in _safetensors_header(single)[0] if name != "__metadata__"}
+        with _open_safetensors(single) as f:
+            return {name: single for name in f.keys()}
     raise FileNotFoundError(
         f"{path} holds neither {SINGLE_SAFETENSORS} nor {SAFETENSORS_INDEX}; "
         "gtpo_jax reads HF checkpoints saved as safetensors (save_pretrained(..., safe_serialization=True))"
     )
 
 
-_ST_DTYPES = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
-    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
-    "U8": np.dtype("u1"), "BOOL": np.dtype("bool"),
-}
-
-
-def _safetensors_header(fname: str) -> tuple[dict[str, Any], int]:
-    """The JSON header of a safetensors file and the offset where its data starts."""
-    with open(fname, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        try:
-            header = json.loads(f.read(size))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise CheckpointMismatchError(f"{fname} is not a safetensors file (unreadable header)") from None
-    return header, 8 + size
-
-
-def _read_safetensors(fname: str, names: Iterable[str]) -> Iterator[tuple[str, np.ndarray]]:
-    """Tensors of one safetensors file, each read straight into its own array.
-
-    Not `safe_open`: it memory-maps the file, and the mapped pages it touches stay resident (and
-    count in RSS) until the file closes, so converting a single-file checkpoint would hold the
-    model twice. Reading with `readinto` holds only the arrays handed out.
-    """
-    header, base = _safetensors_header(fname)
-    with open(fname, "rb") as f:
-        for name in names:
-            if name not in header:
-                raise CheckpointMismatchError(f"{fname} lacks tensor {name!r} that its index names")
-            info = header[name]
-            if info["dtype"] not in _ST_DTYPES:
-                raise CheckpointMismatchError(f"tensor {name!r} in {fname} has unsupported dtype {info['dtype']}")
-            start, end = info["data_offsets"]
-            array = np.empty(info["shape"], dtype=_ST_DTYPES[info["dtype"]])
-            if array.nbytes != end - start:
-                raise CheckpointMismatchError(f"tensor {name!r} in {fname}: shape/dtype do not match its byte size")
-            f.seek(base + start)
-            if f.readinto(memoryview(array.reshape(-1).view(np.uint8))) != array.nbytes:
-                raise CheckpointMismatchError(f"{fname} is truncated (tensor {name!r})")
-            yield name, array
-
-
 def iter_hf_tensors(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, numpy array) one tensor at a time, opening each shard once, in file order."""
+    """(name, numpy array) one tensor at a time, in file order, each read with `safe_open`.
+
+    A file is opened anew for each tensor: `safe_open` memory-maps it, and the mapped pages a read
+    touches stay resident (and count in RSS) until it is closed, so that reading a whole
+    single-file checkpoint under one open would hold the model twice.
+    """
     by_file: dict[str, list[str]] = {}
     for name, fname in safetensors_files(path).items():
         by_file.setdefault(fname, []).append(name)
     for fname, names in by_file.items():
-        yield from _read_safetensors(fname, names)
+        for name in names:
+            with _open_safetensors(fname) as f:
+                if name not in f.keys():
+                    raise CheckpointMismatchError(f"{fname} lacks tensor {name!r} that its index names")
+                try:
+                    tensor = f.get_tensor(name)
+                except (AttributeError, TypeError, SafetensorError) as e:  # e.g. a dtype numpy lacks
+                    raise CheckpointMismatchError(f"cannot read tensor {name!r} of {fname}: {e}") from None
+            yield name, tensor
+
+
+@contextlib.contextmanager
+def _open_safetensors(fname: str):
+    try:
+        f = safe_open(fname, framework="numpy")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointMismatchError(f"{fname} is not a readable safetensors file: {e}") from None
+    with f:
+        yield f
 
 
 def load_hf_params(path: str | os.PathLike, cfg: ModelConfig, dtype=None, *, progress: bool = False) -> dict:

@@ -55,19 +55,22 @@ def tiny_policy(vocab_size: int):
 
 def check_bf16_export(ctx) -> str:
     """The tiny policy (vocabulary holding LMDeploy's SDAR mask id) exported as the trainer does."""
-    from gtpo_jax.hf_io import _safetensors_header, export_hf_dir
+    from safetensors import safe_open
+
+    from gtpo_jax.hf_io import export_hf_dir
     from gtpo_jax.rollout.lmdeploy_patch import SDAR_MASK_TOKEN
 
     model, params = tiny_policy(SDAR_MASK_TOKEN + 16)
     out = os.path.join(ctx["tmp"], "policy")
     export_hf_dir(params, model.cfg, out, dtype="bfloat16")
-    header, _ = _safetensors_header(os.path.join(out, "model.safetensors"))
-    dtypes = {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+    with safe_open(os.path.join(out, "model.safetensors"), framework="numpy") as f:
+        names = list(f.keys())
+        dtypes = {f.get_slice(name).get_dtype() for name in names}
     with open(os.path.join(out, "config.json")) as f:
         torch_dtype = json.load(f)["torch_dtype"]
     assert dtypes == {"BF16"} and torch_dtype == "bfloat16", (dtypes, torch_dtype)
     ctx.update(policy_dir=out, model_cfg=model.cfg, params=params)
-    return f"{len(header) - 1} tensors, all BF16; config torch_dtype={torch_dtype}"
+    return f"{len(names)} tensors, all BF16; config torch_dtype={torch_dtype}"
 
 
 def check_cuda(ctx) -> str:
