@@ -43,7 +43,10 @@ class TrainingSession:
         cfg.validate()
         if cfg.train.wandb_project and jax.process_index() == 0:
             import_wandb()  # a missing optional package fails now, not after the model is loaded
-        self._tiny_tokenizer = cfg.data.synthetic and cfg.tokenizer.path is None and cfg.model.path is None
+        # The demo's tiny tokenizer is built when the tokenizer is unset or names its derived place
+        # (as in a config written by --print-config).
+        self._tiny_tokenizer = cfg.data.synthetic and cfg.model.path is None and cfg.tokenizer.path in (
+            None, os.path.join(cfg.output_dir, "tokenizer"))
         cfg.resolve_paths()
         self.cfg = cfg
         os.makedirs(cfg.output_dir, exist_ok=True)
