@@ -148,7 +148,7 @@ def test_prompt_longer_than_limit(tmp_path):
     with pytest.raises(RecordError, match=r"more than data.max_len=64.*data.prompt_too_long=skip"):
         run_sft(load_config(Config, CONFIG, base))
     # Skipping instead: the run goes on and every skip is counted in the metrics.
-    run_sft(load_config(Config, CONFIG, base + ["data.prompt_too_long=skip", "train.steps=2"]))
+    run_sft(load_config(Config, CONFIG, base + ["data.prompt_too_long=skip", "train.steps=3"]))  # > warmup_steps
     with open(tmp_path / "run" / "metrics.jsonl") as f:
         recs = [json.loads(line) for line in f]
     assert sum(r["skipped_samples"] for r in recs) >= 2
