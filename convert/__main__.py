@@ -21,7 +21,10 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--dtype", choices=DTYPES, default=None, help="cast the weights (default: keep the stored dtype)")
     b = sub.add_parser("orbax2hf", help="Orbax checkpoint step -> HF directory that transformers/LMDeploy load")
     b.add_argument("ckpt", help="checkpoint root (latest complete step) or one of its step directories")
-    b.add_argument("out", help="output HF directory (its old weight files are replaced)")
+    b.add_argument("out", help="output HF directory: new, empty, or an earlier export (replaced whole once the "
+                               "new one is complete)")
+    b.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty output directory that is not an earlier export")
     b.add_argument("--step", type=int, default=None, help="step to export (default: latest complete)")
     b.add_argument("--dtype", choices=DTYPES, default=None, help="cast the weights (default: keep the stored dtype)")
     b.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB, 2GiB")
@@ -47,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
             summary = convert_hf_to_orbax(args.hf_dir, args.out, dtype=args.dtype, progress=progress)
         else:
             summary = convert_orbax_to_hf(args.ckpt, args.out, step=args.step, dtype=args.dtype,
-                                          max_shard_size=args.max_shard_size, progress=progress)
+                                          max_shard_size=args.max_shard_size, progress=progress,
+                                          overwrite=args.overwrite)
     except (OSError, ValueError, CheckpointMismatchError, ModelConfigError) as e:
         # OSError covers FileNotFoundError/FileExistsError; ValueError bad sizes and dtypes. Anything else is a bug: traceback.
         message = " ".join(str(e).split()) or type(e).__name__

@@ -16,6 +16,8 @@ def convert_orbax_to_hf(
     dtype: str | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES,
     progress: bool = False,
+    overwrite: bool = False,
 ) -> ConversionSummary:
     """Export `step` (default: the latest complete one) of a checkpoint root or step directory to `out_dir`."""
-    return orbax_to_hf(ckpt_dir, out_dir, step=step, dtype=dtype, max_shard_bytes=max_shard_size, progress=progress)
+    return orbax_to_hf(ckpt_dir, out_dir, step=step, dtype=dtype, max_shard_bytes=max_shard_size, progress=progress,
+                       overwrite=overwrite)

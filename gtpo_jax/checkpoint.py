@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterator, Mapping
 
 import jax
@@ -31,8 +32,10 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from gtpo_jax.checkpoint_integrity import CheckpointCorruptError, verify_step, write_manifest
 from gtpo_jax.hf_io import (
     DEFAULT_MAX_SHARD_BYTES,
+    check_export_destination,
     copy_hf_assets,
     load_hf_model,
     load_hf_params,
@@ -48,6 +51,7 @@ log = logging.getLogger(__name__)
 
 HF_ASSETS = "hf_assets"
 INCOMPLETE = "incomplete"
+DAMAGED = "damaged"
 # Orbax's step metadata, written when a save is finalised: a step directory that Orbax calls
 # finalised but that lacks it was copied half-way (or by hand) and must not be resumed from.
 _STEP_METADATA = "_CHECKPOINT_METADATA"
@@ -108,6 +112,11 @@ class Checkpointer:
     `<root>/incomplete/` (so that neither a resume nor orbax's keep-K bookkeeping counts them,
     and so that a new save of that step is not refused). `read_only=True` (used by `load_model`
     and `orbax_to_hf`) changes nothing on disk and just skips them.
+
+    Every committed step gets a checksum manifest (checkpoint_integrity), written by a background
+    thread once orbax has committed it; `usable_step` checks it, and a damaged step is moved to
+    `<root>/damaged/` (read-only: skipped) with a warning so the previous step is used. A failed
+    background save is raised by the next `poll()` (every training step), not steps later.
     """
 
     def __init__(
@@ -140,6 +149,10 @@ class Checkpointer:
             read_only=read_only,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._unsealed: list[int] = []  # saved, checksums not yet written
+        self._sealing: list[Future] = []
+        self._sealer = None if read_only or jax.process_index() != 0 else ThreadPoolExecutor(1, "checksums")
+        self._verified: set[int] = set()
 
     # ---- interrupted saves -----------------------------------------------------------------
     def _is_complete(self, step: int) -> bool:
@@ -198,6 +211,70 @@ class Checkpointer:
     def _item_dir(self, step: int, item: str) -> str:
         return os.path.join(self.directory, str(step), item)
 
+    # ---- integrity -----------------------------------------------------------------------------
+    def usable_step(self, step: int | None = None) -> int:
+        """`step` after checking its checksums (CheckpointCorruptError if damaged); with None the
+        newest step that passes, damaged newer ones set aside (read-only: skipped) with a warning."""
+        if step is not None:
+            step = self._resolve_step(step)
+            self._check_integrity(step)
+            return step
+        for candidate in reversed(self.all_steps()):
+            try:
+                self._check_integrity(candidate)
+                return candidate
+            except CheckpointCorruptError as e:
+                self._set_aside_damaged(candidate, e)
+        raise FileNotFoundError(f"{self.directory} holds no complete, undamaged checkpoint")
+
+    def _check_integrity(self, step: int) -> None:
+        if step in self._verified:
+            return
+        if not verify_step(os.path.join(self.directory, str(step))):
+            log.info("checkpoint step %d in %s has no checksums (written before they existed, or killed right "
+                     "after the save); restoring it unverified", step, self.directory)
+        self._verified.add(step)
+
+    def _set_aside_damaged(self, step: int, error: CheckpointCorruptError) -> None:
+        if self.read_only or jax.process_index() != 0:
+            log.warning("%s; skipping step %d, trying the previous one", error, step)
+        else:
+            dest = os.path.join(self.directory, DAMAGED, f"{step}-{int(time.time())}")
+            log.warning("%s; moved step %d to %s (delete it once you no longer need it) and using the previous "
+                        "step", error, step, dest)
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            os.rename(os.path.join(self.directory, str(step)), dest)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"gtpo_jax.checkpoint: damaged step {step} set aside")
+        if not self.read_only:
+            self._manager.reload()
+
+    def poll(self) -> None:
+        """Raise the error of a failed background save now; checksum the saves that have finished."""
+        self._manager.check_for_errors()
+        if self._unsealed and not self._manager.is_saving_in_progress():
+            self._seal(self._unsealed)
+            self._unsealed = []
+        for future in [f for f in self._sealing if f.done()]:
+            self._sealing.remove(future)
+            future.result()  # a checksum that could not be written (e.g. disk full) is an error too
+
+    def _seal(self, steps: list[int]) -> None:
+        if self._sealer is None:
+            return
+        for step in steps:
+            self._sealing.append(self._sealer.submit(self._write_manifest, step))
+
+    def _write_manifest(self, step: int) -> None:
+        step_dir = os.path.join(self.directory, str(step))
+        if self._is_complete(step):  # orbax's keep-K may have deleted it meanwhile
+            try:
+                write_manifest(step_dir)
+            except FileNotFoundError:
+                pass  # deleted while being read
+
     # ---- save / restore ----------------------------------------------------------------------
     def save(
         self,
@@ -223,7 +300,12 @@ class Checkpointer:
             if not _EXTRA_NAME_RE.match(name):
                 raise ValueError(f"extra array name {name!r} must use letters, digits and _ only")
             items[f"extra_{name}"] = ocp.args.StandardSave(tree)
-        return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=force))
+        self.poll()
+        started = bool(self._manager.save(step, args=ocp.args.Composite(**items), force=force))
+        if started:
+            self._unsealed.append(step)
+            self.poll()  # a synchronous save is committed already: checksum it
+        return started
 
     def _stored_arrays(self, step: int, item: str) -> Any:
         """The stored tree of `item` as ShapeDtypeStructs without sharding (i.e. restore as numpy)."""
@@ -265,8 +347,10 @@ class Checkpointer:
             sharding) to restore sharded onto devices, as an nnx.State or nested dict (the result
             has the target's type); None restores numpy arrays on the host.
         opt_state_target: likewise for the optimizer state; None skips it (opt_state is None).
+        A step whose checksums disagree raises CheckpointCorruptError; with step None the newest
+        undamaged step is restored (see `usable_step`).
         """
-        step = self._resolve_step(step)
+        step = self.usable_step(step)
         items = {
             "params": ocp.args.StandardRestore(self._params_target(step, params_target)),
             "meta": ocp.args.JsonRestore(),
@@ -275,7 +359,16 @@ class Checkpointer:
             if not os.path.isdir(self._item_dir(step, "opt_state")):
                 raise FileNotFoundError(f"checkpoint step {step} in {self.directory} holds no optimizer state")
             items["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state_target))
-        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        except (CheckpointMismatchError, FileNotFoundError):
+            raise
+        except Exception as e:  # noqa: BLE001 — orbax/tensorstore raise many kinds on damaged files
+            others = [s for s in self.all_steps() if s != step]
+            raise CheckpointCorruptError(
+                f"checkpoint step {step} in {self.directory} cannot be read ({type(e).__name__}: "
+                f"{' '.join(str(e).split())[:300]}); it may be damaged: choose another step with checkpoint.step=N "
+                f"(or --step N), complete steps: {others}") from e
         params = restored["params"]
         if isinstance(params_target, nnx.State):
             state = jax.tree.map(lambda x: x, params_target)  # a new State: the target is left untouched
@@ -346,10 +439,20 @@ class Checkpointer:
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def wait(self) -> None:
+        """Block until every save is committed and checksummed; raises a failed save's error."""
         self._manager.wait_until_finished()
+        self.poll()
+        for future in self._sealing:
+            future.result()
+        self._sealing = []
 
     def close(self) -> None:
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
+            if self._sealer is not None:
+                self._sealer.shutdown(wait=True)
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -452,8 +555,10 @@ def orbax_to_hf(
     dtype: str | None = None,
     max_shard_bytes: int | str = DEFAULT_MAX_SHARD_BYTES,
     progress: bool = False,
+    overwrite: bool = False,
 ) -> ConversionSummary:
-    """Export a checkpoint step (default: latest complete) as an HF directory via `write_hf_dir`.
+    """Export a checkpoint step (default: latest complete) as an HF directory via `write_hf_dir`
+    (written beside `out_dir`, swapped in when complete; a foreign non-empty `out_dir` needs `overwrite`).
 
     ckpt_dir: a checkpoint root or one of its step directories. Parameters are restored as numpy
     arrays on the host, whatever sharding they were saved with; peak memory is one model copy.
@@ -465,9 +570,10 @@ def orbax_to_hf(
     out_abs = os.path.abspath(os.fspath(out_dir))
     if os.path.commonpath([out_abs, root]) == root:
         raise ValueError(f"refusing to export into the checkpoint directory {root}; choose an output directory outside it")
+    check_export_destination(out_abs, overwrite=overwrite)
     ckpt = Checkpointer(root, read_only=True)
     try:
-        step = ckpt._resolve_step(step if step is not None else step_in_path)
+        step = ckpt.usable_step(step if step is not None else step_in_path)
         hf_config = ckpt.model_config(step)
         cfg = ModelConfig.from_hf_dict(hf_config)
         params = ckpt.restore(step)["params"]
@@ -475,7 +581,7 @@ def orbax_to_hf(
         ckpt.close()
     assets = ckpt.hf_assets_dir if os.path.isdir(ckpt.hf_assets_dir) else None
     summary = write_hf_dir(_drain(params), cfg, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes,
-                           source_config=hf_config, assets_dir=assets, progress=progress)
+                           source_config=hf_config, assets_dir=assets, progress=progress, overwrite=overwrite)
     return ConversionSummary(root, os.fspath(out_dir), step, summary.num_tensors, summary.num_bytes, summary.dtype,
                              time.perf_counter() - start)
 
@@ -490,7 +596,7 @@ def load_model(path: str | os.PathLike, **runtime: Any) -> SDARModel:
     root, step = _locate_checkpoint(path)
     ckpt = Checkpointer(root, read_only=True)
     try:
-        step = ckpt._resolve_step(step)
+        step = ckpt.usable_step(step)
         cfg = ModelConfig.from_hf_dict(ckpt.model_config(step), **runtime)
         params = ckpt.restore(step)["params"]
     finally:

@@ -104,7 +104,8 @@ class TrainSection:
 class CheckpointSection:
     save_every: int = 100  # save a checkpoint every N steps (and always at the end)
     keep: int = 3  # checkpoints kept (the oldest are deleted); 0 = all
-    resume: bool = True  # continue from the latest complete checkpoint in output_dir/checkpoints
+    resume: bool = True  # continue from the newest undamaged checkpoint in output_dir/checkpoints
+    step: Optional[int] = None  # resume from this step instead (see output_dir/checkpoints); null = the newest
     async_save: bool = True  # write checkpoints in the background while training goes on
     export_hf: bool = True  # write an HF directory at the end of the run
     # dtype of the final HF export; null = the parameters' dtype
@@ -239,8 +240,6 @@ class Config:
         if self.rollout.backend == "lmdeploy" and self.model.dtype != "bfloat16":
             problems.append(f"rollout.backend=lmdeploy runs rollouts in the trainer's compute dtype, which LMDeploy "
                             f"supports in bfloat16 only here: set model.dtype=bfloat16 (got {self.model.dtype})")
-        if self.optim.schedule == "warmup_cosine" and self.optim.warmup_steps >= self.train.steps:
-            problems.append(f"optim.warmup_steps ({self.optim.warmup_steps}) must be < train.steps ({self.train.steps})")
         if self.stage == "sft" and self.train.micro_batches >= 1 and self.train.batch_size % self.train.micro_batches:
             problems.append(
                 f"train.batch_size ({self.train.batch_size}) must be a multiple of train.micro_batches "

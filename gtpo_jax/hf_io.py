@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from typing import Any, Iterable, Iterator, Mapping
 
 import jax
@@ -42,9 +43,10 @@ from gtpo_jax.sharding import to_host
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SINGLE_SAFETENSORS = "model.safetensors"
+# Left in every directory we export: a later export may replace such a directory, not others.
+EXPORT_MARKER = ".gtpo_jax_export"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # "5GB", transformers 4's default max_shard_size (LMDeploy and vLLM read any size)
-# Files of an HF directory that hold weights: never copied as assets, removed before a new export
-# so that stale shards of an earlier export cannot be picked up by a loader.
+# Files of an HF directory that hold weights: never copied as assets.
 WEIGHT_FILE_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth")
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
@@ -292,6 +294,7 @@ def write_hf_dir(
     source_config: Mapping[str, Any] | None = None,
     assets_dir: str | os.PathLike | None = None,
     progress: bool = False,
+    overwrite: bool = False,
 ) -> HFDirSummary:
     """Write an HF directory that transformers and LMDeploy load: safetensors weights, config.json, assets.
 
@@ -305,11 +308,14 @@ def write_hf_dir(
     assets_dir: an HF directory whose non-weight files (tokenizer, chat template, generation config,
         custom *.py code) are copied alongside.
 
-    Weight files of an earlier export in `out_dir` are removed first, as save_pretrained does.
+    The directory is written beside `out_dir` and swapped in whole once complete (see
+    `staged_directory`): a failed export leaves the previous one untouched, and a non-empty
+    `out_dir` that is not an earlier export of ours is refused unless `overwrite`.
     """
-    out_dir = os.fspath(out_dir)
+    out_dir = os.path.abspath(os.fspath(out_dir))
     if assets_dir is not None and os.path.isdir(out_dir) and os.path.samefile(assets_dir, out_dir):
         raise ValueError(f"refusing to export into the source directory {out_dir}; choose another output directory")
+    check_export_destination(out_dir, overwrite=overwrite)  # before the (long) conversion
     limit = parse_byte_size(max_shard_bytes)
     target = None if dtype is None else np_dtype(dtype)
     names = expected_hf_names(cfg)
@@ -331,10 +337,24 @@ def write_hf_dir(
     written_dtype = max(bytes_by_dtype, key=bytes_by_dtype.get)
     total = sum(bytes_by_dtype.values())
 
-    os.makedirs(out_dir, exist_ok=True)
-    for name in os.listdir(out_dir):
-        if is_weight_file(name):
-            os.remove(os.path.join(out_dir, name))
+    with staged_directory(out_dir, overwrite=overwrite) as stage:
+        files, weight_map = _write_weights(tensors, names, limit, stage, progress)
+        hf_config = cfg.to_hf_dict(dict(source_config) if source_config is not None else None)
+        hf_config["torch_dtype"] = written_dtype
+        if "dtype" in hf_config:  # transformers >= 5 names the field `dtype`; keep both in step
+            hf_config["dtype"] = written_dtype
+        with open(os.path.join(stage, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2, sort_keys=True)
+            f.write("\n")
+        if assets_dir is not None:
+            copy_hf_assets(assets_dir, stage)
+    return HFDirSummary(files=files, num_tensors=len(weight_map), num_bytes=total, dtype=written_dtype)
+
+
+def _write_weights(tensors: dict[str, np.ndarray], names: list[str], limit: int, out_dir: str,
+                   progress: bool) -> tuple[list[str], dict[str, str]]:
+    """Safetensors shard(s), plus the index when there are several; `tensors` is emptied as they are written."""
+    total = sum(t.nbytes for t in tensors.values())
     shards = _plan_shards(names, tensors, limit)
     files = (
         [SINGLE_SAFETENSORS] if len(shards) == 1
@@ -350,15 +370,55 @@ def write_hf_dir(
         with open(os.path.join(out_dir, SAFETENSORS_INDEX), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
             f.write("\n")
+    return files, weight_map
 
-    hf_config = cfg.to_hf_dict(dict(source_config) if source_config is not None else None)
-    hf_config["torch_dtype"] = written_dtype
-    if "dtype" in hf_config:  # transformers >= 5 names the field `dtype`; keep both in step
-        hf_config["dtype"] = written_dtype
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2, sort_keys=True)
-        f.write("\n")
-    if assets_dir is not None:
-        copy_hf_assets(assets_dir, out_dir)
-    return HFDirSummary(files=files, num_tensors=len(weight_map), num_bytes=total, dtype=written_dtype)
+
+# ---- export destinations -----------------------------------------------------------------------
+def check_export_destination(out_dir: str, *, overwrite: bool = False) -> None:
+    """Refuse a non-empty directory that no export of ours wrote (unless `overwrite`)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise FileExistsError(f"{out_dir} exists and is not a directory; choose another output directory")
+    if (os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite
+            and not os.path.isfile(os.path.join(out_dir, EXPORT_MARKER))):
+        raise FileExistsError(
+            f"{out_dir} is not empty and was not written by a gtpo_jax export; choose a new (or empty) directory, "
+            "or replace it whole with --overwrite (python -m convert) / overwrite=True"
+        )
+
+
+@contextlib.contextmanager
+def staged_directory(out_dir: str, *, overwrite: bool = False):
+    """Yield a fresh directory beside `out_dir`; when the block succeeds, it replaces `out_dir` whole.
+
+    Files get the usual permissions (0644 under a 022 umask; safetensors writes 0600). On failure
+    the stage is removed and `out_dir` is as before. The swap is two renames: a crash between
+    them leaves the previous export as `.<name>.old-*` beside it, never a mix of two exports.
+    """
+    out_dir = os.path.abspath(out_dir)
+    check_export_destination(out_dir, overwrite=overwrite)
+    parent, name = os.path.split(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    stage = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    try:
+        yield stage
+        with open(os.path.join(stage, EXPORT_MARKER), "w") as f:
+            f.write("written by gtpo_jax; a later export may replace this directory\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        for root, dirs, files in os.walk(stage):
+            for d in dirs:
+                os.chmod(os.path.join(root, d), 0o777 & ~umask)
+            for f in files:
+                os.chmod(os.path.join(root, f), 0o666 & ~umask)
+        os.chmod(stage, 0o777 & ~umask)
+        old = None
+        if os.path.isdir(out_dir):
+            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+            os.rename(out_dir, os.path.join(old, name))
+        os.rename(stage, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
 

@@ -8,15 +8,23 @@ in the response length; trust_remote_code only on request.
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import subprocess
+import sys
+import threading
 
+import numpy as np
 import pytest
 
 from conftest import metrics_by_step
 from gtpo_jax.config import Config
 from gtpo_jax.config_loader import load_config
 
-GTPO_TINY = os.path.join(os.path.dirname(__file__), "..", "configs", "gtpo_tiny.yaml")
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+GTPO_TINY = os.path.join(CONFIGS, "gtpo_tiny.yaml")
+SFT_TINY = os.path.join(CONFIGS, "sft_tiny.yaml")
 
 
 def gtpo_overrides(out_dir, **extra) -> list[str]:
@@ -101,3 +109,184 @@ def test_error_mid_run_is_one_line_unless_debug(tmp_path, capsys, monkeypatch):
                    "(rerun with --debug for the traceback)\n")
     with pytest.raises(RuntimeError, match="100000 tokens"):
         train.main(argv + ["--debug"])
+
+
+# ---- 3. a full disk -------------------------------------------------------------------------------
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_full_disk_under_tensorboard_never_blocks_training(tmp_path, monkeypatch, caplog):
+    import tensorboardX.event_file_writer as tb_events
+
+    from gtpo_jax.metrics import MetricsWriter
+
+    writer = MetricsWriter(str(tmp_path))
+    monkeypatch.setattr(tb_events.EventsWriter, "write_event", _disk_full)  # the disk fills up
+
+    def many_steps():
+        for step in range(1, 200):  # tensorboardX's queue holds 10 events: a dead writer blocks the 11th
+            writer.write(step, {"loss": 1.0 / step, "lr": 1e-5})
+        writer.close()
+
+    thread = threading.Thread(target=many_steps, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "metrics writing blocked on the dead TensorBoard writer"
+    assert sum("TensorBoard events" in r.message for r in caplog.records) == 1  # reported once
+    assert len(metrics_by_step(tmp_path)) == 199  # metrics.jsonl unaffected
+
+
+def test_full_disk_under_metrics_jsonl_is_reported_once_and_training_goes_on(tmp_path, caplog):
+    from gtpo_jax.metrics import MetricsWriter
+
+    writer = MetricsWriter(str(tmp_path), tensorboard=False)
+    writer.write(1, {"loss": 1.0})
+    writer._file.write = _disk_full
+    for step in range(2, 6):
+        writer.write(step, {"loss": 1.0})
+    writer.close()
+    assert sum("metrics.jsonl is disabled" in r.message for r in caplog.records) == 1
+    assert sorted(metrics_by_step(tmp_path)) == [1]
+
+
+# ---- 5. corrupted checkpoints ---------------------------------------------------------------------
+def _two_step_checkpoint(directory, async_save=False) -> dict:
+    from gtpo_jax.checkpoint import Checkpointer
+
+    rng = np.random.default_rng(0)
+    params = {"layer": {"w": rng.standard_normal((64, 64)).astype(np.float32)}}
+    with Checkpointer(directory, async_save=async_save) as ckpt:
+        ckpt.save(1, params=params, meta={"step": 1}, force=True)
+        ckpt.save(2, params={"layer": {"w": params["layer"]["w"] + 1}}, meta={"step": 2}, force=True)
+    return params
+
+
+def _largest_file(step_dir) -> str:
+    files = [os.path.join(root, f) for root, _, names in os.walk(step_dir) for f in names]
+    return max(files, key=os.path.getsize)
+
+
+def _flip_byte(path, offset=-100) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated file"])
+def test_damaged_latest_step_is_set_aside_and_the_previous_one_used(tmp_path, caplog, damage):
+    from gtpo_jax.checkpoint import Checkpointer
+    from gtpo_jax.checkpoint_integrity import CheckpointCorruptError
+
+    root = tmp_path / "ckpt"
+    params = _two_step_checkpoint(root)
+    victim = _largest_file(root / "2" / "params")
+    if damage == "flipped byte":
+        _flip_byte(victim)
+    else:
+        os.truncate(victim, os.path.getsize(victim) // 2)
+
+    with Checkpointer(root, read_only=True) as ckpt:  # load_model / orbax2hf: skip, change nothing
+        with pytest.raises(CheckpointCorruptError, match=r"checkpoint .*/2 is damaged: params/"):
+            ckpt.restore(2)  # a step asked for by number is never swapped for another
+        restored = ckpt.restore()
+    assert restored["step"] == 1 and os.path.isdir(root / "2")
+    np.testing.assert_array_equal(restored["params"]["layer"]["w"], params["layer"]["w"])
+
+    with Checkpointer(root) as ckpt:  # a training run: the damaged step is moved out of the way
+        assert ckpt.restore()["step"] == 1
+        assert ckpt.all_steps() == [1]
+    assert not os.path.exists(root / "2") and len(os.listdir(root / "damaged")) == 1
+    assert any("is damaged" in r.message and "previous" in r.message for r in caplog.records)
+
+
+def test_background_saves_are_checksummed(tmp_path):
+    from gtpo_jax.checkpoint_integrity import MANIFEST, verify_step
+
+    _two_step_checkpoint(tmp_path, async_save=True)
+    assert all(verify_step(str(tmp_path / str(step))) for step in (1, 2))
+    assert os.path.isfile(tmp_path / "2" / MANIFEST)
+
+
+def test_failed_background_save_is_raised_at_the_next_poll(tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    from gtpo_jax.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(tmp_path, async_save=True)
+    ckpt.save(1, params={"w": np.zeros(4, np.float32)}, force=True)
+    ckpt.wait()
+
+    def failed(self):
+        raise OSError(errno.ENOSPC, "No space left on device (background save)")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "check_for_errors", failed)
+    with pytest.raises(OSError, match="No space left"):
+        ckpt.poll()  # TrainingSession.finish_step calls it every step
+    monkeypatch.undo()
+    ckpt.close()
+
+
+# ---- 6. one run per output directory ---------------------------------------------------------------
+def test_second_run_on_a_locked_output_dir_is_refused_and_a_dead_owner_frees_it(tmp_path):
+    from gtpo_jax.run_lock import OutputDirInUseError, OutputDirLock
+    from gtpo_jax.trainers.sft import run_sft
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from gtpo_jax.run_lock import OutputDirLock; "
+         f"OutputDirLock({str(tmp_path)!r}).acquire(); print('locked', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        cfg = load_config(Config, SFT_TINY, [f"output_dir={tmp_path}", "data.synthetic_train=8"])
+        with pytest.raises(OutputDirInUseError, match=rf"in use by another run \(pid {holder.pid} on host "):
+            run_sft(cfg)
+        assert sorted(os.listdir(tmp_path)) == [".lock"]  # refused before writing anything
+    finally:
+        holder.kill()  # kill -9: the kernel drops its lock
+        holder.wait()
+    OutputDirLock(str(tmp_path)).acquire().release()
+
+
+# ---- 4. exports never delete what they did not write ------------------------------------------------
+def _tiny_params():
+    from gtpo_jax.model import ModelConfig, init_model
+    from gtpo_jax.checkpoint import param_tree
+    from flax import nnx
+
+    model = init_model(ModelConfig.tiny(num_layers=1, vocab_size=64), seed=0)
+    return model.cfg, param_tree(nnx.state(model, nnx.Param))
+
+
+def test_export_refuses_a_foreign_directory_and_a_failed_export_keeps_the_old_one(tmp_path, monkeypatch):
+    import gtpo_jax.hf_io as hf_io
+
+    cfg, params = _tiny_params()
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "my_model.safetensors").write_bytes(b"precious")
+    (foreign / "notes.bin").write_bytes(b"precious too")
+    with pytest.raises(FileExistsError, match="not written by a gtpo_jax export.*--overwrite"):
+        hf_io.write_hf_dir(params, cfg, foreign)
+    assert sorted(os.listdir(foreign)) == ["my_model.safetensors", "notes.bin"]  # untouched
+
+    out = tmp_path / "export"
+    hf_io.write_hf_dir(params, cfg, out)
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {oct(os.stat(out / name).st_mode & 0o777) for name in before} == {oct(0o666 & ~umask)}
+
+    monkeypatch.setattr(hf_io, "copy_hf_assets", _disk_full)  # the second export fails half-way
+    with pytest.raises(OSError, match="No space left"):
+        hf_io.write_hf_dir(params, cfg, out, dtype="bfloat16", assets_dir=str(foreign))
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+    assert sorted(os.listdir(tmp_path)) == ["export", "mine"]  # no stage left behind
+    monkeypatch.undo()
+
+    hf_io.write_hf_dir(params, cfg, out, dtype="bfloat16")  # an earlier export of ours is replaced
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    hf_io.write_hf_dir(params, cfg, foreign, overwrite=True)
+    assert "my_model.safetensors" not in os.listdir(foreign)

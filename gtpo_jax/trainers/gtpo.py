@@ -43,15 +43,24 @@ def gtpo_row_len(cfg: Config, prompt_len: int) -> int:
 
 
 def run_gtpo(cfg: Config) -> dict:
-    from gtpo_jax.rewards import Grader, RewardInput, compute_rewards
-    from gtpo_jax.rollout import make_rollout_backend
-    from gtpo_jax.checkpoint import param_tree
     from gtpo_jax.trainers.session import TrainingSession
     from gtpo_jax.data.pipeline import RLPromptSource
 
     import_reward_modules(cfg.gtpo.reward_modules)
     session = TrainingSession(cfg, make_data=lambda s: RLPromptSource.from_files(
         cfg.data.train_files, s.tokenizer, seed=cfg.data.shuffle_seed, think=cfg.data.think))
+    try:
+        return _train(session, cfg)
+    except BaseException:
+        session.abort()  # the checkpoint in flight is finished, the output directory released
+        raise
+
+
+def _train(session, cfg: Config) -> dict:
+    from gtpo_jax.rewards import Grader, RewardInput, compute_rewards
+    from gtpo_jax.rollout import make_rollout_backend
+    from gtpo_jax.checkpoint import param_tree
+
     g = cfg.gtpo
     prompts = session.data
     use_old = g.num_iterations > 1

@@ -20,6 +20,7 @@ from gtpo_jax.data.tokenizer import tokenizer_dir_for
 from gtpo_jax.distributed import barrier
 from gtpo_jax.logs import setup_logging
 from gtpo_jax.metrics import MetricsWriter, WandbWriter, format_line, import_wandb
+from gtpo_jax.run_lock import OutputDirLock
 from gtpo_jax.sharding import (MeshConfig, build_mesh, optimizer_shardings, replicate_unsharded, shard_micro_batches,
                                shard_model, to_host)
 from gtpo_jax.trainers.common import BadStepGuard, build_model, make_optimizer, make_update_step
@@ -36,9 +37,6 @@ class TrainingSession:
     data fails before the (possibly minutes-long) model load; the result is `session.data`."""
 
     def __init__(self, cfg: Config, make_data=None):
-        from gtpo_jax.checkpoint import Checkpointer
-        from gtpo_jax.data.tokenizer import load_tokenizer, mask_token_id, stop_token_ids
-
         setup_logging(process_index=jax.process_index())
         cfg.validate()
         if cfg.train.wandb_project and jax.process_index() == 0:
@@ -50,6 +48,20 @@ class TrainingSession:
         cfg.resolve_paths()
         self.cfg = cfg
         os.makedirs(cfg.output_dir, exist_ok=True)
+        # One run per output directory (process 0 holds it for all); released by close() or abort().
+        self._lock = OutputDirLock(cfg.output_dir).acquire() if jax.process_index() == 0 else None
+        self.checkpointer = self.metrics = None
+        try:
+            self._open(make_data)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _open(self, make_data) -> None:
+        from gtpo_jax.checkpoint import Checkpointer
+        from gtpo_jax.data.tokenizer import load_tokenizer, mask_token_id, stop_token_ids
+
+        cfg = self.cfg
         self._check_against_stored_config()
         barrier("config checked")
         if jax.process_index() == 0:
@@ -182,10 +194,13 @@ class TrainingSession:
 
     # ---- checkpoints ---------------------------------------------------------------------
     def restore_or_init(self, data_state_setter=None) -> int:
-        """Resume from the latest complete checkpoint when asked to; returns the first step to run."""
-        latest = self.checkpointer.latest_step() if self.cfg.checkpoint.resume else None
-        if latest is None:
+        """Resume when asked to, from checkpoint.step or else the newest undamaged checkpoint;
+        returns the first step to run. metrics.jsonl is cut back to the resumed step."""
+        ck = self.cfg.checkpoint
+        if not ck.resume or (ck.step is None and self.checkpointer.latest_step() is None):
+            self.metrics.drop_after(0)
             return 0
+        latest = self.checkpointer.usable_step(ck.step)
         restored = self.checkpointer.restore(latest, params_target=self.params, opt_state_target=self.opt_state)
         self.params, self.opt_state = restored["params"], restored["opt_state"]
         meta = restored.get("meta") or {}
@@ -193,6 +208,7 @@ class TrainingSession:
             data_state_setter(meta["data_state"])
         self.extra_state = meta.get("extra_state", {})
         self.step = latest
+        self.metrics.drop_after(latest)  # steps after it are redone: their old records would appear twice
         log.info("resumed from %s at step %d", self.checkpointer.directory, latest)
         return latest
 
@@ -214,6 +230,7 @@ class TrainingSession:
     def finish_step(self, step: int, metrics: dict, *, data_state=None, keys: list[str]) -> dict:
         self.step = step
         self._data_state = data_state
+        self.checkpointer.poll()  # a background save that failed stops the run now, not steps later
         self.guard.check(step, metrics)
         self.write_metrics(step, metrics)
         if jax.process_index() == 0 and (step % self.cfg.train.log_every == 0 or step == self._total):
@@ -273,4 +290,24 @@ class TrainingSession:
         if self.wandb is not None:
             self.wandb.close()
         self.checkpointer.close()
+        self._release()
         return {"metrics": last_metrics, "eval": self.eval_results}
+
+    def abort(self) -> None:
+        """After an error: let the checkpoint in flight finish (or say why it failed), close the
+        writers and release the output directory. The caller re-raises the error."""
+        try:
+            if self.checkpointer is not None:
+                try:
+                    self.checkpointer.close()
+                except Exception as e:  # noqa: BLE001 — reported, the original error is the one raised
+                    log.error("the checkpoint save in flight failed as well: %s: %s", type(e).__name__, e)
+            if self.metrics is not None:
+                self.metrics.close()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None

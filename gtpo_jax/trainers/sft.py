@@ -94,6 +94,14 @@ def run_sft(cfg: Config) -> dict:
     from gtpo_jax.trainers.session import TrainingSession
 
     session = TrainingSession(cfg, make_data=TrainingSession.sft_data)
+    try:
+        return _train(session, cfg)
+    except BaseException:
+        session.abort()  # the checkpoint in flight is finished, the output directory released
+        raise
+
+
+def _train(session, cfg: Config) -> dict:
     data = session.data
     loss_fn = sft_loss_fn(cfg.train.vocab_chunk)
     session.compile_step(loss_fn)
