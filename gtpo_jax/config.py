@@ -137,6 +137,9 @@ class RolloutSection:
     min_new_tokens: int = 0  # stop tokens are suppressed until this many tokens (block-granular)
     tensor_parallel: int = 1  # LMDeploy: tensor-parallel GPUs of the engine
     cache_max_entry_count: float = 0.8  # LMDeploy: fraction of free GPU memory for the KV cache
+    # LMDeploy: let it run Python code shipped in the model directory (config.json's auto_map); SDAR loads
+    # without it, so set it only for a model that needs its own code, and only if you trust that code
+    trust_remote_code: bool = False
 
 
 @dataclasses.dataclass

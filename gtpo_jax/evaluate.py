@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import math
 import os
 import sys
+import time
 from typing import Optional
 
 import numpy as np
@@ -155,6 +157,80 @@ def results_table(summaries: dict[str, dict]) -> str:
     return "\n".join([header, sep, row, *extra]) + "\n"
 
 
+def _files_fingerprint(path: str | None) -> list | None:
+    """Names, sizes and modification times of the files under `path`: changes whenever a model
+    directory is rewritten (a copy without preserved times counts as a new model: safe)."""
+    if not path:
+        return None
+    if os.path.isfile(path):
+        st = os.stat(path)
+        return [[os.path.basename(path), st.st_size, st.st_mtime_ns]]
+    entries = []
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for f in sorted(files):
+            st = os.stat(os.path.join(root, f))
+            entries.append([os.path.relpath(os.path.join(root, f), path), st.st_size, st.st_mtime_ns])
+    return entries
+
+
+def evaluation_key(cfg: EvalConfig, dataset_path: str) -> dict:
+    """What per-question results depend on: the model (its files), the dataset file and every
+    decoding setting. Stored results are reused only under the same key."""
+    key = {
+        "model": {"path": os.path.abspath(cfg.model.path) if cfg.model.path else None,
+                  "files": _files_fingerprint(cfg.model.path), "preset": cfg.model.preset,
+                  "init_seed": cfg.model.init_seed, "dtype": cfg.model.dtype, "param_dtype": cfg.model.param_dtype},
+        "tokenizer": _files_fingerprint(cfg.tokenizer.path),
+        "dataset": _files_fingerprint(dataset_path),
+        "decoding": {"n": cfg.n, "greedy": cfg.greedy, "seed": cfg.seed, "think": cfg.think,
+                     "block_size": cfg.block_size, "questions_per_batch": cfg.questions_per_batch,
+                     "rollout": dataclasses.asdict(cfg.rollout), "backend_options": cfg.backend_options},
+    }
+    key["fingerprint"] = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return key
+
+
+def load_progress(progress_file: str, key: dict) -> dict[int, dict]:
+    """Finished questions of an interrupted evaluation with the same key. Results made under
+    another key (another model, dataset or decoding settings) are moved aside, never reused."""
+    key_file = f"{progress_file}.key.json"
+    if not os.path.exists(progress_file):
+        _write_json(key_file, key)
+        return {}
+    done, foreign = {}, False
+    with open(progress_file) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by an interruption: that question is redone
+            if rec.get("key") != key["fingerprint"]:
+                foreign = True
+                break
+            done[rec["index"]] = rec
+    if foreign:
+        old_key = {}
+        if os.path.exists(key_file):
+            with open(key_file) as f:
+                old_key = json.load(f)
+        changed = [k for k in ("model", "tokenizer", "dataset", "decoding") if old_key.get(k) != key[k]]
+        aside = f"{progress_file}.stale-{int(time.time())}"
+        os.rename(progress_file, aside)
+        log.warning("%s holds results of another evaluation (differs in: %s); moved them to %s and evaluating "
+                    "afresh", progress_file, ", ".join(changed) or "unknown, written before keys existed", aside)
+        done = {}
+    _write_json(key_file, key)
+    return done
+
+
+def _write_json(path: str, value) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f, indent=1, sort_keys=True)
+
+
 def run_evaluation(cfg: EvalConfig, *, backend=None, tokenizer=None) -> dict:
     """Evaluate every dataset of `cfg`, resuming from the per-dataset JSONL files. `backend`
     (a RolloutBackend) and `tokenizer` default to the ones the config describes; passing them
@@ -185,25 +261,19 @@ def run_evaluation(cfg: EvalConfig, *, backend=None, tokenizer=None) -> dict:
     try:
         for name, questions in question_sets.items():
             progress_file = os.path.join(cfg.output_dir, f"{name}.jsonl")
-            done = {}
-            if os.path.exists(progress_file):
-                with open(progress_file) as f:
-                    for line in f:
-                        if line.strip():
-                            try:
-                                rec = json.loads(line)
-                            except json.JSONDecodeError:
-                                continue  # a line cut by an interruption: that question is redone
-                            done[rec["index"]] = rec
-                log.info("%s: %d of %d questions already evaluated; continuing", name, len(done), len(questions))
+            key = evaluation_key(cfg, path)
+            done = load_progress(progress_file, key)
+            if done:
+                log.info("%s: %d of %d questions already evaluated with this model and these settings; continuing",
+                         name, len(done), len(questions))
             if os.path.exists(progress_file) and os.path.getsize(progress_file):
                 with open(progress_file, "rb+") as f:  # end a line cut by an interruption
                     f.seek(-1, os.SEEK_END)
                     if f.read(1) != b"\n":
                         f.write(b"\n")
             with open(progress_file, "a") as out:
-                def append(record, out=out):
-                    out.write(json.dumps(record) + "\n")
+                def append(record, out=out, fingerprint=key["fingerprint"]):
+                    out.write(json.dumps({**record, "key": fingerprint}) + "\n")
                     out.flush()
 
                 records = evaluate_questions(backend, grader, questions, tokenizer, n=cfg.n, seed=cfg.seed,

@@ -290,3 +290,160 @@ def test_export_refuses_a_foreign_directory_and_a_failed_export_keeps_the_old_on
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     hf_io.write_hf_dir(params, cfg, foreign, overwrite=True)
     assert "my_model.safetensors" not in os.listdir(foreign)
+
+
+# ---- 2. evaluation results keyed by model and settings -----------------------------------------------
+class _FixedAnswerBackend:
+    """Answers every question with the ground truth (right=True) or with a wrong number."""
+
+    def __init__(self, answers: dict[str, str] | None, right: bool):
+        self.answers, self.right, self.calls = answers, right, 0
+
+    def generate(self, prompts, n, *, seed):
+        from gtpo_jax.rollout.base import Rollout
+
+        if self.answers is None:
+            raise AssertionError("stored results should have been reused")
+        self.calls += 1
+        out = []
+        for prompt in prompts:
+            truth = self.answers[bytes(list(prompt)).decode()]
+            text = f"\\boxed{{{truth if self.right else '-987654'}}}"
+            tokens = np.arange(4, dtype=np.int32)
+            out.append([Rollout(np.asarray(prompt, np.int32), tokens, np.arange(4, dtype=np.int32), None, None,
+                                None, "stop", text) for _ in range(n)])
+        return out
+
+    def close(self):
+        pass
+
+
+class _BytesTokenizer:
+    def encode(self, text, add_special_tokens=False):
+        return list(text.encode())
+
+
+def test_evaluation_never_reuses_results_of_another_model_or_setting(tmp_path, caplog):
+    from gtpo_jax.data.records import read_rl_records
+    from gtpo_jax.data.tokenizer import chat_prompt
+    from gtpo_jax.evaluate import EvalConfig, run_evaluation
+
+    dataset = os.path.join(os.path.dirname(__file__), "fixtures", "eval", "gsm8k.jsonl")
+    answers = {chat_prompt(q.question, think=False): q.ground_truth for q in read_rl_records(dataset)}
+    models = {}
+    for name in ("good", "bad"):
+        models[name] = tmp_path / name
+        models[name].mkdir()
+        (models[name] / "config.json").write_text(json.dumps({"model": name}))
+
+    def evaluate(model, backend, **settings):
+        cfg = EvalConfig(datasets={"gsm8k": dataset}, output_dir=str(tmp_path / "eval"), grader_workers=0,
+                         **settings)
+        cfg.model.path = str(models[model])
+        return run_evaluation(cfg, backend=backend, tokenizer=_BytesTokenizer())["gsm8k"]
+
+    assert evaluate("good", _FixedAnswerBackend(answers, right=True))["accuracy"] == 1.0
+    # another model into the same output_dir: its own (zero) score, not the stored 100%
+    assert evaluate("bad", _FixedAnswerBackend(answers, right=False))["accuracy"] == 0.0
+    assert any("differs in: model" in r.message for r in caplog.records)
+    # other decoding settings: evaluated afresh with the samples the summary claims
+    result = evaluate("bad", _FixedAnswerBackend(answers, right=False), n=3)
+    assert result["samples"] == 3 * result["questions"]
+    # the same evaluation again: everything is reused, nothing generated
+    assert evaluate("bad", _FixedAnswerBackend(None, right=False), n=3)["samples"] == 3 * result["questions"]
+
+
+# ---- 9. rewards that parse text stay linear -----------------------------------------------------------
+ADVERSARIAL_64K = {
+    "unclosed boxes": "\\boxed{" * 9000,
+    "nested boxes": "\\boxed{" * 4500 + "}" * 4500,
+    "stop tokens": "x" + "<|im_end|> " * 5800,
+    "think tags": "<think>" * 9000 + "</think>" * 100,
+    "open braces": "{" * 64000,
+    "repeated words": "a b " * 16000,
+}
+
+
+@pytest.mark.parametrize("text", list(ADVERSARIAL_64K.values()), ids=list(ADVERSARIAL_64K))
+def test_every_text_reward_is_fast_on_64k_adversarial_responses(text):
+    """A hang guard, not a speed number: the quadratic `boxed` took 17 s on 64k characters."""
+    import time
+
+    from gtpo_jax.rewards import RewardInput
+    from gtpo_jax.rewards.functions import registered_rewards
+
+    inp = RewardInput(text=text, ground_truth="1", num_tokens=len(text) // 4, step_map=np.arange(8),
+                      max_new_tokens=len(text))
+    for name, reward in registered_rewards().items():
+        start = time.process_time()
+        reward.fn(inp, False, {})
+        assert time.process_time() - start < 2.0, name
+
+
+def test_boxed_extraction_keeps_its_meaning():
+    from gtpo_jax.rewards.answers import extract_boxed
+
+    assert extract_boxed("so \\boxed{\\frac{1}{2}} and \\boxed{3") == "\\frac{1}{2}"  # an unclosed last box
+    assert extract_boxed("\\boxed{\\left\\{ x \\right\\}}") == "\\left\\{ x \\right\\}"
+    assert extract_boxed("} \\boxed{a{b}c} \\fbox{d}") == "d"
+    assert extract_boxed("\\boxed 5") is None
+
+
+# ---- 10. model code runs only when the user says so ----------------------------------------------------
+def test_lmdeploy_gets_trust_remote_code_only_when_set(monkeypatch):
+    pytest.importorskip("lmdeploy")
+    engine_module = pytest.importorskip("lmdeploy.pytorch.engine")
+    from gtpo_jax.config import RolloutSection
+    from gtpo_jax.rollout import lmdeploy_backend as lb
+
+    seen = []
+
+    def from_pretrained(model_dir, engine_config=None, trust_remote_code=False):
+        seen.append(trust_remote_code)
+        if not trust_remote_code:
+            raise ValueError("The repository contains custom code which must be executed to correctly load the "
+                             "model. Please pass the argument `trust_remote_code=True` to allow custom code to be run.")
+        return "engine"
+
+    monkeypatch.setattr(engine_module.Engine, "from_pretrained", staticmethod(from_pretrained))
+    monkeypatch.setattr(lb, "check_engine_dtype", lambda engine, dtype: None)
+    backend = object.__new__(lb.LMDeployRollout)  # no engine: only how it is built
+    backend.dtype = "float32"
+    backend.cfg, backend.block_size, backend.stop_ids, backend.greedy = RolloutSection(backend="lmdeploy"), 4, [1], False
+    with pytest.raises(RuntimeError, match=r"rollout\.trust_remote_code is false\. Set rollout\.trust_remote_code=true "
+                                           r"only if you trust that code"):
+        backend._build_engine("/models/custom")
+    backend.cfg = RolloutSection(backend="lmdeploy", trust_remote_code=True)
+    assert backend._build_engine("/models/custom") == "engine"
+    assert seen == [False, True]
+
+
+# ---- 9. after a crash: the checkpoint in flight is kept, metrics.jsonl holds each step once -------------
+def test_crash_keeps_the_checkpoint_in_flight_and_resume_logs_each_step_once(tmp_path, monkeypatch):
+    from gtpo_jax.checkpoint_integrity import verify_step
+    from gtpo_jax.trainers import session as session_module
+    from gtpo_jax.trainers.sft import run_sft
+
+    overrides = [f"output_dir={tmp_path}", "model.preset_overrides={}", "data.synthetic_train=64",
+                 "data.max_len=64", "train.batch_size=2", "train.steps=3", "train.row_len=0",
+                 "checkpoint.save_every=2", "checkpoint.export_hf=false", "eval.enabled=false",
+                 "optim.schedule=constant"]
+    original_save = session_module.TrainingSession.save
+
+    def crash_after_logging_step_3(self, step, **kwargs):
+        if step == 3:
+            raise RuntimeError("simulated crash after step 3 was logged")
+        return original_save(self, step, **kwargs)
+
+    monkeypatch.setattr(session_module.TrainingSession, "save", crash_after_logging_step_3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_sft(load_config(Config, SFT_TINY, overrides))
+    assert verify_step(str(tmp_path / "checkpoints" / "2"))  # step 2's background save finished and sealed
+    monkeypatch.undo()
+
+    run_sft(load_config(Config, SFT_TINY, overrides))  # the lock was released: the same process resumes
+    with open(tmp_path / "metrics.jsonl") as f:
+        steps = [json.loads(line)["step"] for line in f]
+    assert steps == [1, 2, 3]
+    with open(tmp_path / "metrics.superseded.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [3]

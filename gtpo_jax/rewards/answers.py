@@ -26,31 +26,35 @@ class GradeResult:
     detail: str = ""
 
 
-def _closing_brace(text: str, open_pos: int) -> int:
-    """Index of the `}` matching the `{` at open_pos, or -1. Escaped braces (`\\{`, `\\}`, as in
+def _matching_braces(text: str) -> dict[int, int]:
+    """Position of each `{` -> position of its `}`, in one pass (linear: a response full of
+    unclosed boxes must not make grading quadratic). Escaped braces (`\\{`, `\\}`, as in
     `\\left\\{`) are content, not structure: a backslash consumes the next character."""
-    depth, i = 0, open_pos
-    while i < len(text):
+    pairs, open_at = {}, []
+    i, n = 0, len(text)
+    while i < n:
         c = text[i]
         if c == "\\":
             i += 2
             continue
         if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return i
+            open_at.append(i)
+        elif c == "}" and open_at:
+            pairs[open_at.pop()] = i
         i += 1
-    return -1
+    return pairs
 
 
 def extract_boxed(text: str) -> str | None:
     """Content of the last `\\boxed{...}` (or `\\fbox{...}`) whose braces balance; None if there
     is none. `\\boxed 5` (no braces) is not an answer; an unclosed box (a response cut mid-answer)
     is skipped in favour of an earlier complete one."""
-    for m in reversed(list(_BOX_RE.finditer(text))):
-        end = _closing_brace(text, m.end() - 1)
+    boxes = list(_BOX_RE.finditer(text))
+    if not boxes:
+        return None
+    pairs = _matching_braces(text)
+    for m in reversed(boxes):
+        end = pairs.get(m.end() - 1, -1)
         if end >= 0:
             return text[m.end() : end].strip()
     return None

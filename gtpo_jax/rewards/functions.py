@@ -98,14 +98,17 @@ _END_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 def _strip_end_tokens(text: str) -> str:
     """The turn's stop tokens are not content (a decoder may or may not keep them in the text)."""
-    text = text.rstrip()
+    end = len(text.rstrip())
     changed = True
-    while changed:
+    while changed:  # moves an index instead of slicing: linear however many stop tokens there are
         changed = False
         for tok in _END_TOKENS:
-            if text.endswith(tok):
-                text, changed = text[: -len(tok)].rstrip(), True
-    return text
+            if text.endswith(tok, 0, end):
+                end -= len(tok)
+                while end and text[end - 1].isspace():
+                    end -= 1
+                changed = True
+    return text[:end]
 
 
 @register_reward("format")

@@ -170,7 +170,17 @@ class LMDeployRollout(RolloutBackend):
     def _build_engine(self, model_dir: str):
         from lmdeploy.pytorch.engine import Engine
 
-        engine = Engine.from_pretrained(model_dir, engine_config=self.engine_config(), trust_remote_code=True)
+        trust = self.cfg.trust_remote_code
+        try:
+            engine = Engine.from_pretrained(model_dir, engine_config=self.engine_config(), trust_remote_code=trust)
+        except Exception as e:  # noqa: BLE001 — re-raised, with the fix when it is the missing opt-in
+            if trust or "trust_remote_code" not in str(e):
+                raise
+            raise RuntimeError(
+                f"LMDeploy needs to run Python code shipped in {model_dir} (config.json's auto_map) to load this "
+                "model, and rollout.trust_remote_code is false. Set rollout.trust_remote_code=true only if you "
+                f"trust that code. ({type(e).__name__}: {' '.join(str(e).split())[:300]})"
+            ) from e
         check_engine_dtype(engine, self.dtype)
         return engine
 
