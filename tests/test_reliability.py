@@ -408,7 +408,7 @@ def test_lmdeploy_gets_trust_remote_code_only_when_set(monkeypatch):
     monkeypatch.setattr(engine_module.Engine, "from_pretrained", staticmethod(from_pretrained))
     monkeypatch.setattr(lb, "check_engine_dtype", lambda engine, dtype: None)
     backend = object.__new__(lb.LMDeployRollout)  # no engine: only how it is built
-    backend.dtype = "float32"
+    backend.dtype = "bfloat16"
     backend.cfg, backend.block_size, backend.stop_ids, backend.greedy = RolloutSection(backend="lmdeploy"), 4, [1], False
     with pytest.raises(RuntimeError, match=r"rollout\.trust_remote_code is false\. Set rollout\.trust_remote_code=true "
                                            r"only if you trust that code"):
