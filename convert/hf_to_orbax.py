@@ -1,10 +1,10 @@
-"""HF directory -> Orbax checkpoint (step 0): a thin wrapper over `gtpo_jax.checkpoint.hf_to_orbax`."""
+"""HF directory -> Orbax checkpoint (step 0): a thin wrapper over `gtpo_jax.conversion.hf_to_orbax`."""
 
 from __future__ import annotations
 
 import os
 
-from gtpo_jax.checkpoint import ConversionSummary, hf_to_orbax
+from gtpo_jax.conversion import ConversionSummary, hf_to_orbax
 
 
 def convert_hf_to_orbax(

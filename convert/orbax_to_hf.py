@@ -1,10 +1,10 @@
-"""Orbax checkpoint step -> HF directory: a thin wrapper over `gtpo_jax.checkpoint.orbax_to_hf`."""
+"""Orbax checkpoint step -> HF directory: a thin wrapper over `gtpo_jax.conversion.orbax_to_hf`."""
 
 from __future__ import annotations
 
 import os
 
-from gtpo_jax.checkpoint import ConversionSummary, orbax_to_hf
+from gtpo_jax.conversion import ConversionSummary, orbax_to_hf
 from gtpo_jax.hf_io import DEFAULT_MAX_SHARD_BYTES
 
 

@@ -1,4 +1,5 @@
-"""Orbax checkpoints of training runs, HF ⇄ Orbax conversion, and `load_model` for either kind of directory.
+"""Orbax checkpoints of training runs, and `load_model` for either kind of directory (HF or Orbax;
+HF ⇄ Orbax conversion is in gtpo_jax.conversion, checksums in gtpo_jax.checkpoint_integrity).
 
 A checkpoint directory is the root of an `orbax.checkpoint.CheckpointManager`:
 
@@ -6,6 +7,7 @@ A checkpoint directory is the root of an `orbax.checkpoint.CheckpointManager`:
     <root>/<step>/opt_state      optimizer state (optional)
     <root>/<step>/extra_<name>   further array trees, e.g. the GTPO reference policy (optional)
     <root>/<step>/meta           JSON: data iterator state, RNG, prompt cursor, model_config...
+    <root>/<step>/gtpo_checksums.json   size and CRC-32 of every file of the step, written once committed
     <root>/hf_assets/            config.json + tokenizer, chat template, generation config, custom code;
                                  written once, so that any step exports back to an HF directory
 
@@ -16,15 +18,14 @@ have one layout, readable without building the model first.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import re
 import shutil
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Mapping
 
 import jax
 import numpy as np
@@ -32,47 +33,25 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from gtpo_jax.checkpoint_integrity import CheckpointCorruptError, verify_step, write_manifest
+from gtpo_jax.checkpoint_integrity import CheckpointCorruptError, VerifiedSteps
 from gtpo_jax.hf_io import (
-    DEFAULT_MAX_SHARD_BYTES,
-    check_export_destination,
     copy_hf_assets,
     load_hf_model,
-    load_hf_params,
-    np_dtype,
     read_hf_config,
     safetensors_files,
-    write_hf_dir,
 )
 from gtpo_jax.model import ModelConfig, SDARModel, model_from_params
-from gtpo_jax.model.params import CheckpointMismatchError, Path, iter_nested
+from gtpo_jax.model.params import CheckpointMismatchError, iter_nested
 
 log = logging.getLogger(__name__)
 
 HF_ASSETS = "hf_assets"
 INCOMPLETE = "incomplete"
-DAMAGED = "damaged"
 # Orbax's step metadata, written when a save is finalised: a step directory that Orbax calls
 # finalised but that lacks it was copied half-way (or by hand) and must not be resumed from.
 _STEP_METADATA = "_CHECKPOINT_METADATA"
 _TMP_STEP_RE = re.compile(r"^\d+\.orbax-checkpoint-tmp")  # orbax's in-progress step directories
 _EXTRA_NAME_RE = re.compile(r"^[A-Za-z0-9_]+$")
-
-
-@dataclasses.dataclass(frozen=True)
-class ConversionSummary:
-    source: str
-    destination: str
-    step: int
-    num_tensors: int
-    num_bytes: int
-    dtype: str
-    seconds: float
-
-    def line(self) -> str:
-        size = f"{self.num_bytes / 1e9:.2f} GB" if self.num_bytes >= 1e8 else f"{self.num_bytes / 1e6:.2f} MB"
-        return (f"{self.num_tensors} tensors, {size} {self.dtype}: {self.source} -> "
-                f"{self.destination} (step {self.step}) in {self.seconds:.1f} s")
 
 
 def _stringify(tree: Any) -> Any:
@@ -104,7 +83,7 @@ def _check_json(meta: Mapping[str, Any]) -> None:
         raise TypeError(f"checkpoint meta must be JSON-serialisable (store arrays via extra_arrays): {e}") from None
 
 
-class Checkpointer:
+class Checkpointer(VerifiedSteps):
     """Saves and restores training state every `save_every` steps, keeping the last `keep` steps.
 
     Interrupted saves are ignored with a warning: orbax's temporary step directories are removed
@@ -150,7 +129,7 @@ class Checkpointer:
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
         self._unsealed: list[int] = []  # saved, checksums not yet written
-        self._sealing: list[Future] = []
+        self._sealing: list = []  # futures of manifests being written
         self._sealer = None if read_only or jax.process_index() != 0 else ThreadPoolExecutor(1, "checksums")
         self._verified: set[int] = set()
 
@@ -210,70 +189,6 @@ class Checkpointer:
 
     def _item_dir(self, step: int, item: str) -> str:
         return os.path.join(self.directory, str(step), item)
-
-    # ---- integrity -----------------------------------------------------------------------------
-    def usable_step(self, step: int | None = None) -> int:
-        """`step` after checking its checksums (CheckpointCorruptError if damaged); with None the
-        newest step that passes, damaged newer ones set aside (read-only: skipped) with a warning."""
-        if step is not None:
-            step = self._resolve_step(step)
-            self._check_integrity(step)
-            return step
-        for candidate in reversed(self.all_steps()):
-            try:
-                self._check_integrity(candidate)
-                return candidate
-            except CheckpointCorruptError as e:
-                self._set_aside_damaged(candidate, e)
-        raise FileNotFoundError(f"{self.directory} holds no complete, undamaged checkpoint")
-
-    def _check_integrity(self, step: int) -> None:
-        if step in self._verified:
-            return
-        if not verify_step(os.path.join(self.directory, str(step))):
-            log.info("checkpoint step %d in %s has no checksums (written before they existed, or killed right "
-                     "after the save); restoring it unverified", step, self.directory)
-        self._verified.add(step)
-
-    def _set_aside_damaged(self, step: int, error: CheckpointCorruptError) -> None:
-        if self.read_only or jax.process_index() != 0:
-            log.warning("%s; skipping step %d, trying the previous one", error, step)
-        else:
-            dest = os.path.join(self.directory, DAMAGED, f"{step}-{int(time.time())}")
-            log.warning("%s; moved step %d to %s (delete it once you no longer need it) and using the previous "
-                        "step", error, step, dest)
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            os.rename(os.path.join(self.directory, str(step)), dest)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices(f"gtpo_jax.checkpoint: damaged step {step} set aside")
-        if not self.read_only:
-            self._manager.reload()
-
-    def poll(self) -> None:
-        """Raise the error of a failed background save now; checksum the saves that have finished."""
-        self._manager.check_for_errors()
-        if self._unsealed and not self._manager.is_saving_in_progress():
-            self._seal(self._unsealed)
-            self._unsealed = []
-        for future in [f for f in self._sealing if f.done()]:
-            self._sealing.remove(future)
-            future.result()  # a checksum that could not be written (e.g. disk full) is an error too
-
-    def _seal(self, steps: list[int]) -> None:
-        if self._sealer is None:
-            return
-        for step in steps:
-            self._sealing.append(self._sealer.submit(self._write_manifest, step))
-
-    def _write_manifest(self, step: int) -> None:
-        step_dir = os.path.join(self.directory, str(step))
-        if self._is_complete(step):  # orbax's keep-K may have deleted it meanwhile
-            try:
-                write_manifest(step_dir)
-            except FileNotFoundError:
-                pass  # deleted while being read
 
     # ---- save / restore ----------------------------------------------------------------------
     def save(
@@ -466,14 +381,14 @@ def _is_hf_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json"))
 
 
-def _is_checkpoint_root(path: str) -> bool:
+def is_checkpoint_root(path: str) -> bool:
     return os.path.isdir(os.path.join(path, HF_ASSETS)) or any(
         (name.isdigit() or _TMP_STEP_RE.match(name)) and os.path.isdir(os.path.join(path, name))
         for name in os.listdir(path)
     )
 
 
-def _locate_checkpoint(path: str | os.PathLike) -> tuple[str, int | None]:
+def locate_checkpoint(path: str | os.PathLike) -> tuple[str, int | None]:
     """(root, step) for a checkpoint root (latest step) or one of its step directories."""
     path = os.path.abspath(os.fspath(path))
     name, parent = os.path.basename(path), os.path.dirname(path)
@@ -482,12 +397,12 @@ def _locate_checkpoint(path: str | os.PathLike) -> tuple[str, int | None]:
     return path, None
 
 
-def _classify(path: str | os.PathLike) -> str:
+def classify_model_dir(path: str | os.PathLike) -> str:
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model path {path} does not exist or is not a directory")
-    root, step = _locate_checkpoint(path)
-    if step is not None or _is_checkpoint_root(root):
+    root, step = locate_checkpoint(path)
+    if step is not None or is_checkpoint_root(root):
         return "orbax"
     if _is_hf_dir(path):
         return "hf"
@@ -498,102 +413,15 @@ def _classify(path: str | os.PathLike) -> str:
     )
 
 
-# ---- conversion and loading -------------------------------------------------------------------
-def _tree_stats(tree: dict) -> tuple[int, int, str]:
-    count, by_dtype = 0, {}
-    for _, array in iter_nested(tree):
-        count += 1
-        by_dtype[array.dtype.name] = by_dtype.get(array.dtype.name, 0) + array.nbytes
-    return count, sum(by_dtype.values()), max(by_dtype, key=by_dtype.get)
-
-
-def hf_to_orbax(
-    hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str | None = None, progress: bool = False
-) -> ConversionSummary:
-    """Convert an HF directory to an Orbax checkpoint (step 0, meta {"model_config": config.json}).
-
-    Tensors stream from the safetensors shards into our parameter tree (one copy in memory);
-    dtype None keeps the stored dtype. The non-weight files go to <out_dir>/hf_assets.
-    Peak host memory is that copy plus what orbax/tensorstore buffer while writing it (measured
-    with scripts/bench_convert.py at up to about two more copies, transiently; orbax's
-    save_concurrent_gb does not bound it for host arrays).
-    """
-    start = time.perf_counter()
-    hf_dir, out_dir = os.fspath(hf_dir), os.fspath(out_dir)
-    if not os.path.isdir(hf_dir):
-        raise FileNotFoundError(f"HF model directory {hf_dir} does not exist")
-    hf_config = read_hf_config(hf_dir)
-    cfg = ModelConfig.from_hf_dict(hf_config)
-    safetensors_files(hf_dir)  # fails clearly before anything is created when the weights are not safetensors
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        # A fresh directory only: writing step 0 into a training run (or into the HF source) would mix them up.
-        what = "an Orbax checkpoint" if _is_checkpoint_root(out_dir) else "files"
-        raise FileExistsError(f"{out_dir} already holds {what}; choose a new (or empty) output directory")
-    params = load_hf_params(hf_dir, cfg, dtype=None if dtype is None else np_dtype(dtype), progress=progress)
-    num_tensors, num_bytes, stored_dtype = _tree_stats(params)
-    with Checkpointer(out_dir, async_save=False) as ckpt:
-        ckpt.save_hf_assets(hf_dir)
-        ckpt.save(0, params=params, meta={"model_config": hf_config, "converted_from": os.path.abspath(hf_dir)},
-                  force=True)
-    return ConversionSummary(hf_dir, out_dir, 0, num_tensors, num_bytes, stored_dtype, time.perf_counter() - start)
-
-
-def _drain(tree: dict) -> Iterator[tuple[Path, np.ndarray]]:
-    """Leaves of `tree`, each removed from it as it is yielded: once converted, the source is freed."""
-    for path in [p for p, _ in iter_nested(tree)]:
-        node = tree
-        for key in path[:-1]:
-            node = node[key]
-        yield path, node.pop(path[-1])
-
-
-def orbax_to_hf(
-    ckpt_dir: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    *,
-    step: int | None = None,
-    dtype: str | None = None,
-    max_shard_bytes: int | str = DEFAULT_MAX_SHARD_BYTES,
-    progress: bool = False,
-    overwrite: bool = False,
-) -> ConversionSummary:
-    """Export a checkpoint step (default: latest complete) as an HF directory via `write_hf_dir`
-    (written beside `out_dir`, swapped in when complete; a foreign non-empty `out_dir` needs `overwrite`).
-
-    ckpt_dir: a checkpoint root or one of its step directories. Parameters are restored as numpy
-    arrays on the host, whatever sharding they were saved with; peak memory is one model copy.
-    """
-    start = time.perf_counter()
-    if _classify(ckpt_dir) != "orbax":
-        raise FileNotFoundError(f"{ckpt_dir} is an HF model directory, not an Orbax checkpoint; nothing to export")
-    root, step_in_path = _locate_checkpoint(ckpt_dir)
-    out_abs = os.path.abspath(os.fspath(out_dir))
-    if os.path.commonpath([out_abs, root]) == root:
-        raise ValueError(f"refusing to export into the checkpoint directory {root}; choose an output directory outside it")
-    check_export_destination(out_abs, overwrite=overwrite)
-    ckpt = Checkpointer(root, read_only=True)
-    try:
-        step = ckpt.usable_step(step if step is not None else step_in_path)
-        hf_config = ckpt.model_config(step)
-        cfg = ModelConfig.from_hf_dict(hf_config)
-        params = ckpt.restore(step)["params"]
-    finally:
-        ckpt.close()
-    assets = ckpt.hf_assets_dir if os.path.isdir(ckpt.hf_assets_dir) else None
-    summary = write_hf_dir(_drain(params), cfg, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes,
-                           source_config=hf_config, assets_dir=assets, progress=progress, overwrite=overwrite)
-    return ConversionSummary(root, os.fspath(out_dir), step, summary.num_tensors, summary.num_bytes, summary.dtype,
-                             time.perf_counter() - start)
-
-
+# ---- loading ---------------------------------------------------------------------------------
 def load_model(path: str | os.PathLike, **runtime: Any) -> SDARModel:
     """The model stored at `path`: an HF directory (config.json + safetensors) or an Orbax checkpoint
     (a root, meaning its latest complete step, or a step directory). `runtime`: ModelConfig runtime
     fields (param_dtype, dtype, remat, attention tiles)."""
-    if _classify(path) == "hf":
+    if classify_model_dir(path) == "hf":
         safetensors_files(path)  # fails clearly when config.json comes without safetensors weights
         return load_hf_model(path, **runtime)
-    root, step = _locate_checkpoint(path)
+    root, step = locate_checkpoint(path)
     ckpt = Checkpointer(root, read_only=True)
     try:
         step = ckpt.usable_step(step)

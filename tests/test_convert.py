@@ -18,7 +18,8 @@ from safetensors.numpy import load_file, save_file
 
 from conftest import write_tiny_hf_checkpoint
 from convert.__main__ import main as cli_main
-from gtpo_jax.checkpoint import Checkpointer, hf_to_orbax, load_model, orbax_to_hf
+from gtpo_jax.checkpoint import Checkpointer, load_model
+from gtpo_jax.conversion import hf_to_orbax, orbax_to_hf
 from gtpo_jax.hf_io import SAFETENSORS_INDEX, SINGLE_SAFETENSORS, is_weight_file, read_hf_config, write_hf_dir
 from gtpo_jax.model import CheckpointMismatchError, ModelConfig, ModelConfigError
 from gtpo_jax.model.params import iter_nested

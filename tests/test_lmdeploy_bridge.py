@@ -28,7 +28,7 @@ from gtpo_jax.rollout import lmdeploy_backend as lb  # noqa: E402
 
 def _export(tmp_path, tie: bool) -> str:
     """Tiny random SDAR -> our Orbax checkpoint -> our HF export (the path RL/eval use)."""
-    from gtpo_jax.checkpoint import hf_to_orbax, orbax_to_hf
+    from gtpo_jax.conversion import hf_to_orbax, orbax_to_hf
 
     src, ckpt, out = tmp_path / "src", tmp_path / "ckpt", tmp_path / "export"
     write_tiny_hf_checkpoint(str(src), tie=tie)

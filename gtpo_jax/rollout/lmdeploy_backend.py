@@ -325,7 +325,7 @@ def make_backend(cfg, session) -> LMDeployRollout:
 def make_backend_for_eval(cfg, tokenizer) -> LMDeployRollout:
     """Evaluation: `cfg.model.path` as is when it is an HF directory, else its Orbax checkpoint
     exported to `<output_dir>/lmdeploy_model`; the engine runs in `cfg.model.dtype`."""
-    from gtpo_jax.checkpoint import orbax_to_hf
+    from gtpo_jax.conversion import orbax_to_hf
     from gtpo_jax.data.tokenizer import mask_token_id, stop_token_ids
 
     check_lmdeploy()
