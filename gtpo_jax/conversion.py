@@ -10,9 +10,9 @@ from typing import Iterator
 import numpy as np
 
 from gtpo_jax.checkpoint import Checkpointer, classify_model_dir, is_checkpoint_root, locate_checkpoint
+from gtpo_jax.export_dir import check_export_destination
 from gtpo_jax.hf_io import (
     DEFAULT_MAX_SHARD_BYTES,
-    check_export_destination,
     load_hf_params,
     np_dtype,
     read_hf_config,
