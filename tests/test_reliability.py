@@ -338,6 +338,7 @@ def test_evaluation_never_reuses_results_of_another_model_or_setting(tmp_path, c
 
     def evaluate(model, backend, **settings):
         cfg = EvalConfig(datasets={"gsm8k": dataset}, output_dir=str(tmp_path / "eval"), grader_workers=0,
+                         grader_timeout_s=120,  # the first grade imports math-verify: slow on a busy machine
                          **settings)
         cfg.model.path = str(models[model])
         return run_evaluation(cfg, backend=backend, tokenizer=_BytesTokenizer())["gsm8k"]
@@ -447,3 +448,26 @@ def test_crash_keeps_the_checkpoint_in_flight_and_resume_logs_each_step_once(tmp
     assert steps == [1, 2, 3]
     with open(tmp_path / "metrics.superseded.jsonl") as f:
         assert [json.loads(line)["step"] for line in f] == [3]
+
+
+# ---- 7. resuming with another block_size ------------------------------------------------------------------
+def test_resume_with_another_block_size_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    from gtpo_jax.config_loader import ConfigError, dump_yaml
+    from gtpo_jax.run_lock import OutputDirLock
+    from gtpo_jax.trainers import session as session_module
+    from gtpo_jax.trainers.sft import run_sft
+
+    overrides = [f"output_dir={tmp_path}", "data.synthetic_train=8"]
+    first = load_config(Config, SFT_TINY, overrides)
+    first.resolve_paths()
+    (tmp_path / "config.yaml").write_text(dump_yaml(first))  # what a run with block_size 4 left behind
+    (tmp_path / "checkpoints" / "100").mkdir(parents=True)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built despite the changed block_size")
+
+    monkeypatch.setattr(session_module, "build_model", no_model)
+    with pytest.raises(ConfigError, match=r"block_size"):
+        run_sft(load_config(Config, SFT_TINY, overrides + ["block_size=8"]))
+    assert "block_size: 4" in (tmp_path / "config.yaml").read_text()  # the stored config is not rewritten
+    OutputDirLock(str(tmp_path)).acquire().release()  # and the refusal released the directory
