@@ -75,7 +75,7 @@ def naive_sample(model, prompt, c: SamplerConfig, seed, index, *, renormalise=Fa
     while True:
         slots = np.arange(j * B, (j + 1) * B)
         logits = np.asarray(full_logits(model, seq[None], (j + 1) * B), np.float64)[slots]
-        gen = (slots >= p) & (slots < limit)
+        gen = slots >= p  # the whole block is decoded, also past the length limit
         masked = gen & (steps[slots] == 0)
         scored = logits / c.temperature
         if c.min_new_tokens - B * (j - p // B) > 0:
@@ -100,15 +100,15 @@ def naive_sample(model, prompt, c: SamplerConfig, seed, index, *, renormalise=Fa
             seq[x], steps[x], conf[x] = chosen[i], counter, confs[i]
             logp[x] = log_softmax(logits[i])[chosen[i]]
         if (steps[slots][gen] > 0).all():
-            stops = [x for x in slots[gen] if seq[x] in c.stop_ids]
+            stops = [x for x in slots[gen] if x < limit and seq[x] in c.stop_ids]
             if stops:
-                cut, end, reason = stops[0] + 1, min((j + 1) * B, limit), "stop"
+                cut, reason = stops[0] + 1, "stop"
                 break
             if (j + 1) * B >= limit:
-                cut = end = limit
-                reason = "length"
+                cut, reason = limit, "length"
                 break
             j += 1
+    end = (j + 1) * B  # the tail: the rest of the block that holds the cut
     return dict(tokens=seq[p:cut], steps=steps[p:cut], logp=logp[p:cut], conf=conf[p:cut],
                 tail_tokens=seq[cut:end], tail_steps=steps[cut:end], reason=reason)
 
@@ -142,12 +142,19 @@ def config(**kw) -> SamplerConfig:
     return SamplerConfig(**base)
 
 
+@pytest.mark.parametrize("stop_ids", [STOP, ()], ids=["stops", "no_stops"])
 @pytest.mark.parametrize("strategy", ["low_confidence_static", "low_confidence_dynamic", "sequential"])
-def test_greedy_matches_naive(model, prompts, strategy):
-    cfg = config(strategy=strategy)
+def test_greedy_matches_naive(model, prompts, strategy, stop_ids):
+    cfg = config(strategy=strategy, stop_ids=stop_ids)
     got, ref = run_both(model, prompts, cfg)
     assert_matches(got, ref)
-    assert {"stop", "length"} == set(got.finish_reasons)  # both endings are exercised
+    if stop_ids:
+        assert {"stop", "length"} == set(got.finish_reasons)  # both endings are exercised
+    else:  # every rollout is length-capped; limits inside a block leave a tail, for P % B in {0, 1, B-1}
+        capped_inside = {len(p) % B for i, p in enumerate(prompts)
+                         if (len(p) + cfg.max_new_tokens) % B and len(got.tail_tokens[i]) and
+                         len(got.tokens[i]) == cfg.max_new_tokens}
+        assert {0, 1, B - 1} <= capped_inside
     for i in range(len(prompts)):
         steps, conf, p = got.step_maps[i], got.confidences[i], len(prompts[i])
         if strategy == "low_confidence_dynamic":
@@ -194,9 +201,11 @@ def test_stop_cut_min_and_max_new_tokens(model, prompts):
         if reason == "stop":  # cut right after the first stop token
             assert toks[-1] in STOP and not np.isin(toks[:-1], STOP).any()
             end = len(prompts[i]) + len(toks)
-            assert end + len(got.tail_tokens[i]) == min(-(-end // B) * B, len(prompts[i]) + 14)
-        else:  # exact length cut, no tail
-            assert len(toks) == 14 and len(got.tail_tokens[i]) == 0 and not np.isin(toks, STOP).any()
+            assert end + len(got.tail_tokens[i]) == -(-end // B) * B
+        else:  # exact length cut; the rest of the last block is the tail
+            end = len(prompts[i]) + 14
+            assert len(toks) == 14 and not np.isin(toks, STOP).any()
+            assert end + len(got.tail_tokens[i]) == -(-end // B) * B
     early = [i for i, t in enumerate(got.tokens) if got.finish_reasons[i] == "stop" and len(t) <= 8]
     assert early  # some stop within the first 8 tokens, which min_new_tokens must prevent
     cfg = config(strategy="sequential", denoising_steps=4, min_new_tokens=9, max_new_tokens=21)
@@ -228,8 +237,11 @@ def test_sharded_equals_unsharded(model, prompts):
 
 
 def test_rescored_trajectory_matches_rollout_logprobs(model, prompts):
-    """The trainer's l_t of the sampler's own trajectories equals the sampler's log-probs."""
-    for cfg in (config(threshold=0.3), config(greedy=False, temperature=0.9, top_k=4, max_new_tokens=17)):
+    """The trainer's l_t of the sampler's own trajectories (tails included) equals the sampler's
+    log-probs: stop and length cuts inside a block, P % B in {0, 1, 2, 3}."""
+    for cfg in (config(threshold=0.3), config(greedy=False, temperature=0.9, top_k=4, max_new_tokens=17),
+                config(strategy="low_confidence_static", stop_ids=()),
+                config(strategy="sequential", stop_ids=(), max_new_tokens=13)):
         groups = BlockDiffusionSampler(model, cfg).generate(prompts, 2, seed=7)
         rollouts = [r for g in groups for r in g]
         assert len(groups) == len(prompts) and all(len(g) == 2 for g in groups)
@@ -237,7 +249,7 @@ def test_rescored_trajectory_matches_rollout_logprobs(model, prompts):
                                 [r.step_map for r in rollouts], block_size=B, mask_id=MASK,
                                 tails=[r.tail for r in rollouts])
         for r, lt in zip(rollouts, scored):
-            np.testing.assert_allclose(lt, r.logprobs, atol=1e-4, rtol=0)
+            np.testing.assert_allclose(lt, r.logprobs, atol=1e-5, rtol=0)
         assert any(len(r.tail_tokens) for r in rollouts)
 
 

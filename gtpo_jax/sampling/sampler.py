@@ -222,7 +222,9 @@ def _generate(graphdef, params, prompt, prompt_len, limit, keys, done, knobs, st
 
         cur_tok = wtok[:, B:]
         cur_steps = jnp.take_along_axis(s["steps"], cur_pos, axis=1)
-        gen = (cur_pos >= prompt_len[:, None]) & (cur_pos < limit[:, None])
+        # Every generated slot of the block is decoded, also past the length limit (LMDeploy
+        # decodes the last block whole); the host cuts at the limit and returns the rest as tail.
+        gen = cur_pos >= prompt_len[:, None]
         masked = gen & (cur_steps == 0) & active[:, None]
         commit = select_slots(masked, conf, threshold, st.strategy, st.commit_k)
         step = s["counter"] + 1
@@ -248,7 +250,8 @@ def _generate(graphdef, params, prompt, prompt_len, limit, keys, done, knobs, st
 
         # Block completion: stop check, length check, or on to the next block.
         complete = active & ~jnp.any(gen & (new_steps == 0), axis=1)
-        is_stop = gen & jnp.isin(new_tok, jnp.asarray(st.stop_ids, jnp.int32))
+        # a stop token past the limit does not count: the length cut comes first
+        is_stop = gen & (cur_pos < limit[:, None]) & jnp.isin(new_tok, jnp.asarray(st.stop_ids, jnp.int32))
         stopped = complete & jnp.any(is_stop, axis=1)
         length_end = complete & ~stopped & ((j + 1) * B >= limit)
         advance = complete & ~stopped & ~length_end
@@ -379,11 +382,9 @@ class BlockDiffusionSampler:
         result = SampleBatch([], [], [], [], [], [], [], [])
         for i in range(n):
             p, cut = int(plen[i]), int(out["stop_cut"][i])
-            if cut:
-                tail_end, reason = min(_round_up(cut, B), int(limit[i])), "stop"
-            else:
-                cut = tail_end = int(limit[i])
-                reason = "length"
+            reason = "stop" if cut else "length"
+            cut = cut or int(limit[i])
+            tail_end = _round_up(cut, B)  # the block that holds the cut was decoded whole
             result.tokens.append(out["tokens"][i, p:cut].astype(np.int32))
             result.step_maps.append(out["steps"][i, p:cut].astype(np.int32))
             result.logprobs.append(out["logp"][i, p:cut].astype(np.float32))
