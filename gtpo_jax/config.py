@@ -72,12 +72,18 @@ class MaskingSection:
     num_noisy_copies: int = 1  # SFT: independent maskings of each sample, sharing one clean pass
 
 
+STAGE_LR = {"sft": 1e-5, "gtpo": 1e-6}  # SPEC §5.5: the default learning rate of each stage
+
+
 @dataclasses.dataclass
 class OptimSection:
-    lr: float = 1e-5  # AdamW peak learning rate
+    # AdamW peak learning rate; unset = the stage's default (sft 1e-5, gtpo 1e-6), filled in by Config
+    lr: Optional[float] = None
     # constant, or linear warm-up then cosine decay to min_lr_ratio × lr
     schedule: Literal["constant", "warmup_cosine"] = "constant"
-    warmup_steps: int = 0  # optimizer updates of linear warm-up (warmup_cosine)
+    # optimizer updates of linear warm-up (warmup_cosine); schedules count updates: gtpo makes
+    # num_iterations × mini_batches of them per step
+    warmup_steps: int = 0
     min_lr_ratio: float = 0.0  # final learning rate as a fraction of lr (warmup_cosine)
     b1: float = 0.9  # AdamW first-moment decay
     b2: float = 0.999  # AdamW second-moment decay
@@ -230,6 +236,14 @@ class Config:
                 self.tokenizer.path = os.path.join(self.output_dir, "tokenizer")
         if self.tokenizer.path is None and self.model.path is not None:
             self.tokenizer.path = tokenizer_dir_for(self.model.path)
+
+    def __post_init__(self):
+        if self.optim.lr is None and self.stage in STAGE_LR:
+            self.optim.lr = STAGE_LR[self.stage]  # resolved here, so config.yaml / --print-config show it
+
+    def updates_per_step(self) -> int:
+        """Optimizer updates per training step: the unit learning-rate schedules count in."""
+        return self.gtpo.num_iterations * self.gtpo.mini_batches if self.stage == "gtpo" else 1
 
     def validate(self) -> None:
         """Every value in its allowed range, plus cross-field checks: fails before any work starts,

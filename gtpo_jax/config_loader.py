@@ -37,6 +37,8 @@ def _coerce(value: Any, tp, key: str):
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        if len(args) == 2 and type(None) in args:  # Optional[X]: X's own message
+            return _coerce(value, next(a for a in args if a is not type(None)), key)
         for arg in args:
             if arg is type(None):
                 continue

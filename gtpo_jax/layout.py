@@ -107,6 +107,8 @@ def trajectory_layout(
         raise ValueError(f"shrink must be >= 1, got {shrink}")
     p, r, b = len(prompt), len(response), block_size
     clean = np.concatenate([prompt, response])
+    if r == 0:  # nothing to score (an empty response still counts in round_mean: the caller's job)
+        return SampleLayout(clean, [])
     # Slot -> (token, step) over the whole sequence incl. the tail; prompt slots never masked.
     tail_tokens = np.asarray(tail[0] if tail else [], np.int32)
     tail_steps = np.asarray(tail[1] if tail else [], np.int64)

@@ -57,15 +57,21 @@ def gtpo_token_terms(
     ref_logprobs: jax.Array | None = None,
     tis_weight: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Per-token loss terms of docs/algorithm.md §5.4: −min(ρA, clip(ρ)A) (× truncated IS weight) + β·k3."""
+    """Per-token loss terms of docs/algorithm.md §5.4: −min(ρA, clip(ρ)A) (× truncated IS weight) + β·k3.
+
+    min(ρA, clip(ρ)A) is clip(ρ)A exactly where ρ lies strictly beyond the bound on A's side
+    (ρ > 1+eps_high for A > 0, ρ < 1−eps_low for A < 0), and ρA everywhere else. Written that
+    way, the gradient is A·∇ρ up to and including the bounds: `jnp.minimum` / `jnp.clip` would
+    split a tie (ρ on a bound, e.g. ρ = 1 with eps 0) and pass only part of it."""
     ratio = jnp.exp(jnp.clip(logprobs - old_logprobs, -10.0, 10.0))
-    clipped = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
-    surrogate = jnp.minimum(ratio * advantages, clipped * advantages)
+    is_clipped = ((advantages > 0) & (ratio > 1.0 + eps_high)) | ((advantages < 0) & (ratio < 1.0 - eps_low))
+    bound = jnp.where(advantages > 0, 1.0 + eps_high, 1.0 - eps_low)
+    surrogate = jnp.where(is_clipped, bound * advantages, ratio * advantages)
     policy_term = -surrogate
     if tis_weight is not None:
         policy_term = policy_term * tis_weight
     terms = policy_term
-    stats = {"ratio": ratio, "clipped": (ratio * advantages != surrogate).astype(jnp.float32)}
+    stats = {"ratio": ratio, "clipped": is_clipped.astype(jnp.float32)}
     if beta > 0:
         if ref_logprobs is None:
             raise ValueError("beta > 0 needs reference log-probs")

@@ -54,7 +54,12 @@ def build_model(cfg: Config, vocab_size: int | None = None) -> SDARModel:
     return model
 
 
-def make_optimizer(opt: OptimSection, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(opt: OptimSection, total_updates: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW (+ global-norm clip) with `opt`'s schedule over `total_updates` optimizer updates —
+    optax advances a schedule once per update, so a run with several updates per training step
+    must pass steps × updates per step (`Config.updates_per_step`)."""
+    if opt.lr is None:
+        raise ValueError("optim.lr is unset; Config resolves it to the stage's default")
     if opt.schedule == "constant":
         schedule = optax.constant_schedule(opt.lr)
     else:
@@ -62,7 +67,7 @@ def make_optimizer(opt: OptimSection, total_steps: int) -> tuple[optax.GradientT
             init_value=0.0,
             peak_value=opt.lr,
             warmup_steps=max(opt.warmup_steps, 1),
-            decay_steps=max(total_steps, opt.warmup_steps + 1),
+            decay_steps=max(total_updates, opt.warmup_steps + 1),
             end_value=opt.lr * opt.min_lr_ratio,
         )
     chain = []
@@ -79,10 +84,20 @@ _AUX_COMBINE = {"max": jnp.maximum, "min": jnp.minimum}
 _AUX_INIT = {"max": -jnp.inf, "min": jnp.inf}
 
 
+def schedule_count(opt_state) -> jax.Array:
+    """Optimizer updates applied so far: the count the learning-rate schedule is evaluated at."""
+    is_state = lambda x: isinstance(x, optax.ScaleByScheduleState)  # noqa: E731
+    states = [s for s in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(s)]
+    if len(states) != 1:
+        raise ValueError(f"expected one learning-rate schedule in the optimizer state, found {len(states)}")
+    return states[0].count
+
+
 def make_update_step(graphdef, tx: optax.GradientTransformation, loss_fn: LossFn, schedule=None):
     """Build the pure update step. `loss_fn(model, micro_batch) -> (loss, aux sums)` where the
     loss of a micro-batch is already weighted so that the sum over micro-batches is the step's
-    loss (weights computed on the host over the whole step)."""
+    loss (weights computed on the host over the whole step). With `schedule`, the metrics hold
+    `lr`: the learning rate this update applies (the schedule at the optimizer's own count)."""
 
     def step(params, opt_state, batches):
         def micro_step(carry, micro_batch):
@@ -107,6 +122,8 @@ def make_update_step(graphdef, tx: optax.GradientTransformation, loss_fn: LossFn
         new_params = optax.apply_updates(params, jax.tree.map(lambda u, p: u.astype(p.dtype), updates, params))
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": (~finite).astype(jnp.int32), **aux}
+        if schedule is not None:
+            metrics["lr"] = jnp.asarray(schedule(schedule_count(opt_state)), jnp.float32)
         return keep(new_params, params), keep(new_opt_state, opt_state), metrics
 
     return step

@@ -16,7 +16,8 @@ from gtpo_jax.distributed import barrier, broadcast_from_first
 from gtpo_jax.rollout.base import Rollout
 from gtpo_jax.trainers.batching import split_evenly
 from gtpo_jax.trainers.dapo import dynamic_sample
-from gtpo_jax.trainers.gtpo_objective import ScoredRollout, build_gtpo_batch, group_advantages, gtpo_loss_fn
+from gtpo_jax.trainers.gtpo_objective import (ScoredRollout, build_gtpo_batch, check_rollout_logprobs,
+                                              group_advantages, gtpo_loss_fn)
 from gtpo_jax.trajectory import token_logprobs
 
 log = logging.getLogger("gtpo_jax")
@@ -66,7 +67,7 @@ def _train(session, cfg: Config) -> dict:
     use_old = g.num_iterations > 1
     session.compile_step(gtpo_loss_fn(eps_low=g.eps_low, eps_high=g.eps_high, beta=g.beta,
                                       use_old_logprobs=use_old, tis_cap=g.tis_cap,
-                                      vocab_chunk=cfg.train.vocab_chunk))
+                                      vocab_chunk=cfg.train.vocab_chunk, tis_from_exact_old=g.shrink > 1))
     start = session.restore_or_init()
     prompts.set_state(session.extra_state.get("prompt_cursor", prompts.get_state()))
     reference = None
@@ -195,46 +196,60 @@ def rollout_metrics(groups: list[ScoredGroup], cfg: Config) -> dict:
 
 
 def update_policy(session, groups: list[ScoredGroup], cfg: Config, reference) -> dict:
-    """One optimizer step per mini-batch, `num_iterations` passes (docs/algorithm.md §5.4–§5.5)."""
+    """`num_iterations` passes over the step's rollouts, one optimizer update per mini-batch, each
+    normalised over its own mini-batch (docs/algorithm.md §5.4–§5.5)."""
     g = cfg.gtpo
     advantages = group_advantages(np.stack([grp.rewards for grp in groups]))
+    # Empty responses stay: they have nothing to train but count as responses in round_mean.
     scored = [
         ScoredRollout(prompt=r.prompt, response=r.tokens, step_map=r.step_map, advantage=float(a), tail=r.tail,
                       rollout_logprobs=r.logprobs)
         for grp, adv in zip(groups, advantages) for r, a in zip(grp.rollouts, adv)
-        if len(r.tokens)
     ]
+    if g.tis_cap > 0:
+        check_rollout_logprobs(scored, cfg.rollout.backend)
+    trainable = [s for s in scored if len(s.response)]
 
-    def score(params) -> list[np.ndarray]:
+    def score(params, shrink: int) -> list[np.ndarray]:
         model = nnx.merge(session.graphdef, params)
-        return token_logprobs(model, [s.prompt for s in scored], [s.response for s in scored],
-                              [s.step_map for s in scored], block_size=cfg.block_size, mask_id=session.mask_id,
-                              tails=[s.tail or ([], []) for s in scored], shrink=g.shrink)
+        return token_logprobs(model, [s.prompt for s in trainable], [s.response for s in trainable],
+                              [s.step_map for s in trainable], block_size=cfg.block_size, mask_id=session.mask_id,
+                              tails=[s.tail or ([], []) for s in trainable], shrink=shrink)
 
     if g.num_iterations > 1:
-        for s, lp in zip(scored, score(session.params)):
+        for s, lp in zip(trainable, score(session.params, g.shrink)):
             s.old_logprobs = lp
+    if g.tis_cap > 0 and g.shrink > 1:  # the importance weight compares exact states (SPEC §5)
+        for s, lp in zip(trainable, score(session.params, 1)):
+            s.exact_old_logprobs = lp
     if reference is not None:
-        for s, lp in zip(scored, score(reference)):
+        for s, lp in zip(trainable, score(reference, g.shrink)):
             s.ref_logprobs = lp
     row_len = gtpo_row_len(cfg, max(len(s.prompt) for s in scored))
     sums: dict[str, float] = {}
+    updates = 0
     for _ in range(g.num_iterations):
         for mini in split_evenly(scored, g.mini_batches):
+            if not any(len(s.response) for s in mini):
+                log.warning("a mini-batch of %d rollouts has only empty responses; its update is skipped", len(mini))
+                continue
             arrays, _ = build_gtpo_batch(
                 mini, block_size=cfg.block_size, mask_id=session.mask_id, shrink=g.shrink, loss_norm=g.loss_norm,
-                micro_batches=min(cfg.train.micro_batches, len(mini)), row_len=row_len,
+                micro_batches=cfg.train.micro_batches, row_len=row_len,
                 vocab_chunk=cfg.train.vocab_chunk, rows_multiple=session.data_parallel,
             )
             m = session.update(arrays)
+            updates += 1
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v if not k.endswith(("_max", "_min")) else v
+    if not updates:
+        return {"optimizer_updates": 0}
     tokens = max(sums.get("tokens", 0.0), 1.0)
-    updates = g.num_iterations * g.mini_batches
     return {
         "loss": sums["loss"] / updates,
         "grad_norm": sums["grad_norm"] / updates,
-        "lr": sums["lr"] / updates,
+        "lr": sums["lr"] / updates,  # mean of the learning rates the step's updates applied
+        "optimizer_updates": updates,
         "skipped": sums["skipped"],
         "ratio_mean": sums["ratio_sum"] / tokens,
         "ratio_max": sums["ratio_max"],
@@ -242,6 +257,6 @@ def update_policy(session, groups: list[ScoredGroup], cfg: Config, reference) ->
         "clip_fraction": sums["clipped_sum"] / tokens,
         "kl": sums["k3_sum"] / tokens,
         "train_rollout_logprob_abs_diff": sums["rollout_abs_diff_sum"] / tokens
-        if any(s.rollout_logprobs is not None for s in scored) else float("nan"),
+        if all(s.rollout_logprobs is not None for s in scored) else float("nan"),
         "trained_tokens": sums["tokens"] / updates,
     }

@@ -29,6 +29,21 @@ class ScoredRollout:
     rollout_logprobs: np.ndarray | None = None  # engine's log-probs (docs/algorithm.md §2)
     old_logprobs: np.ndarray | None = None  # l(θ_old), needed when num_iterations > 1
     ref_logprobs: np.ndarray | None = None  # reference model, needed when beta > 0
+    # exact-state l(θ_old) (shrink 1) for the truncated importance weight when the loss's own
+    # states are coarser (shrink > 1); SPEC §5, training/inference mismatch
+    exact_old_logprobs: np.ndarray | None = None
+
+
+def check_rollout_logprobs(rollouts: Sequence[ScoredRollout], backend: str) -> None:
+    """The truncated importance weight needs every token's rollout log-prob; a missing one would
+    silently turn the weight into min(p_old, C)."""
+    missing = sum(r.rollout_logprobs is None for r in rollouts)
+    short = sum(r.rollout_logprobs is not None and len(r.rollout_logprobs) != len(r.response) for r in rollouts)
+    if missing or short:
+        raise ValueError(
+            f"gtpo.tis_cap > 0 needs the rollout log-prob of every token, but the {backend!r} rollout backend "
+            f"returned none for {missing} and too few for {short} of {len(rollouts)} rollouts; set gtpo.tis_cap=0 "
+            "or use a backend that reports raw log-probs")
 
 
 def group_advantages(rewards: np.ndarray) -> np.ndarray:
@@ -40,10 +55,12 @@ def group_advantages(rewards: np.ndarray) -> np.ndarray:
 
 
 def normalisation_weights(layouts: Sequence[SampleLayout], loss_norm: str) -> list[dict[int, float]]:
-    """Per sample, {round: weight of each of its tokens}.
+    """Per sample, {round: weight of each of its tokens}, normalised over `layouts` (one update's
+    responses, SPEC §5.5).
 
     round_mean: a round's terms are averaged over its tokens, rounds summed, divided by the
-    number of responses; token_mean: one weight 1 / (all target tokens of the step)."""
+    number of responses (an empty response counts); token_mean: one weight 1 / (all target
+    tokens of the update)."""
     if loss_norm == "token_mean":
         total = sum(lay.num_targets for lay in layouts)
         return [{c.round: 1.0 / total for c in lay.copies} for lay in layouts]
@@ -76,8 +93,11 @@ def build_gtpo_batch(
         for r in rollouts
     ]
     weights = normalisation_weights(layouts, loss_norm)
-    index = list(range(len(rollouts)))
-    groups = split_evenly(index, micro_batches)
+    # Responses without targets (empty) count in the normalisation above but need no forward.
+    index = [i for i, lay in enumerate(layouts) if lay.num_targets]
+    if not index:
+        raise ValueError("no rollout of this update has a response token to train on")
+    groups = split_evenly(index, min(micro_batches, len(index)))
 
     def per_target(g: int, packed: PackedBatch) -> dict[str, np.ndarray]:
         valid = packed.target_valid
@@ -88,8 +108,10 @@ def build_gtpo_batch(
 
         def token_values(attr):
             arrays = [getattr(rollouts[i], attr) for i in sample]
-            if any(a is None for a in arrays):
+            if all(a is None for a in arrays):  # not used by this run's loss (update_policy checks)
                 return np.zeros(len(sample), np.float32)
+            if any(a is None for a in arrays):
+                raise ValueError(f"{attr} is given for some rollouts of a batch and missing for others")
             return np.array([a[k] for a, k in zip(arrays, t)], np.float32)
 
         return {
@@ -98,6 +120,7 @@ def build_gtpo_batch(
             "old_logprob": token_values("old_logprobs"),
             "ref_logprob": token_values("ref_logprobs"),
             "rollout_logprob": token_values("rollout_logprobs"),
+            "exact_old_logprob": token_values("exact_old_logprobs"),
         }
 
     return stack_micro_batches(
@@ -118,17 +141,23 @@ def gtpo_loss_fn(
     use_old_logprobs: bool,
     tis_cap: float,
     vocab_chunk: int,
+    tis_from_exact_old: bool = False,
 ):
     """loss_fn(model, micro_batch) -> (weighted loss, metric sums) for `make_update_step`.
 
     With use_old_logprobs False (num_iterations == 1) θ_old is θ itself: l_old = stop_gradient(l),
-    so the ratio is exactly 1 and only its gradient flows."""
+    so the ratio is exactly 1 and only its gradient flows. The truncated importance weight
+    compares the exact-state l_old with the rollout's: the loss's own l_old when its states are
+    exact (shrink 1), else `exact_old_logprob` (tis_from_exact_old)."""
 
     def loss_fn(model, mb):
         logprobs = target_logprobs(model, mb, vocab_chunk=vocab_chunk)
         valid = mb["target_valid"]
         old = mb["old_logprob"] if use_old_logprobs else jax.lax.stop_gradient(logprobs)
-        tis = jnp.minimum(jnp.exp(old - mb["rollout_logprob"]), tis_cap) if tis_cap > 0 else None
+        tis = None
+        if tis_cap > 0:
+            exact_old = mb["exact_old_logprob"] if tis_from_exact_old else old
+            tis = jnp.minimum(jnp.exp(exact_old - mb["rollout_logprob"]), tis_cap)
         terms, stats = gtpo_token_terms(
             logprobs, old, mb["advantage"], eps_low=eps_low, eps_high=eps_high, beta=beta,
             ref_logprobs=mb["ref_logprob"], tis_weight=tis,

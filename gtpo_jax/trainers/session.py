@@ -92,7 +92,7 @@ class TrainingSession:
         self.data_parallel = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         shard_model(model, self.mesh)
         self.graphdef, self.params = nnx.split(model)
-        self.tx, self.schedule = make_optimizer(cfg.optim, cfg.train.steps)
+        self.tx, self.schedule = make_optimizer(cfg.optim, cfg.train.steps * cfg.updates_per_step())
         init_opt = jax.jit(self.tx.init, out_shardings=optimizer_shardings(self.tx, self.params, self.mesh))
         self.opt_state = replicate_unsharded(init_opt(self.params), self.mesh)
         self.checkpointer = Checkpointer(
@@ -177,7 +177,8 @@ class TrainingSession:
 
     # ---- the update ----------------------------------------------------------------------
     def compile_step(self, loss_fn) -> None:
-        self._step_fn = jax.jit(make_update_step(self.graphdef, self.tx, loss_fn), donate_argnums=(0, 1))
+        self._step_fn = jax.jit(make_update_step(self.graphdef, self.tx, loss_fn, self.schedule),
+                                donate_argnums=(0, 1))
 
     def model(self) -> nnx.Module:
         """The current policy as a module (shares the live parameter arrays)."""
@@ -185,12 +186,9 @@ class TrainingSession:
 
     def update(self, arrays: dict) -> dict:
         batch = shard_micro_batches(arrays, self.mesh)
-        lr = float(self.schedule(self.step))
         with jax.set_mesh(self.mesh):  # the model pins activation rows to the data axes (constrain_batch)
             self.params, self.opt_state, metrics = self._step_fn(self.params, self.opt_state, batch)
-        metrics = {k: np.asarray(v).item() for k, v in metrics.items()}
-        metrics["lr"] = lr
-        return metrics
+        return {k: np.asarray(v).item() for k, v in metrics.items()}  # lr: the one this update applied
 
     # ---- checkpoints ---------------------------------------------------------------------
     def restore_or_init(self, data_state_setter=None) -> int:

@@ -1,0 +1,110 @@
+"""`update_policy` (SPEC §5.4–§5.5) against the direct per-token loss of test_gtpo_loss: θ_old
+computed once before the first update, one update per mini-batch normalised over that
+mini-batch, empty responses counted, shrink > 1 in the loss with an exact-state importance
+weight, and a missing rollout log-prob refused."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from gtpo_jax.config import Config
+from gtpo_jax.model import ModelConfig, init_model
+from gtpo_jax.rollout.base import Rollout
+from gtpo_jax.trainers.common import make_update_step
+from gtpo_jax.trainers.gtpo import ScoredGroup, update_policy
+from gtpo_jax.trainers.gtpo_objective import ScoredRollout, gtpo_loss_fn
+from test_gtpo_loss import B, MASK, VOCAB, direct_logprobs, direct_loss, make_rollouts
+
+LR = 0.5  # plain SGD, large enough that the second pass sees ρ ≠ 1 and clips
+
+
+class RecordingSession:
+    """The slice of TrainingSession that update_policy uses: a real jitted update step (SGD),
+    recording the parameters each update started from and the loss it reported."""
+
+    def __init__(self, model, cfg):
+        g = cfg.gtpo
+        self.graphdef, self.params = nnx.split(model)
+        self.mask_id, self.data_parallel = MASK, 1
+        loss_fn = gtpo_loss_fn(eps_low=g.eps_low, eps_high=g.eps_high, beta=0.0,
+                               use_old_logprobs=g.num_iterations > 1, tis_cap=g.tis_cap, vocab_chunk=32,
+                               tis_from_exact_old=g.shrink > 1)
+        schedule = optax.constant_schedule(LR)
+        tx = optax.sgd(schedule)
+        self.opt_state = tx.init(self.params)
+        self.step = jax.jit(make_update_step(self.graphdef, tx, loss_fn, schedule))
+        self.started_from, self.losses = [], []
+
+    def update(self, arrays):
+        self.started_from.append(self.params)
+        self.params, self.opt_state, m = self.step(self.params, self.opt_state, arrays)
+        m = {k: np.asarray(v).item() for k, v in m.items()}
+        self.losses.append(m["loss"])
+        return m
+
+
+def gtpo_config(**gtpo):
+    cfg = Config(stage="gtpo")
+    cfg.block_size = B
+    cfg.rollout.max_new_tokens = 16
+    cfg.train.micro_batches = 2
+    cfg.train.vocab_chunk = 32
+    for k, v in gtpo.items():
+        setattr(cfg.gtpo, k, v)
+    return cfg
+
+
+def groups_with_an_empty_response(rng):
+    base = make_rollouts(rng, n=8)
+    base[5].response, base[5].step_map = base[5].response[:0], base[5].step_map[:0]  # an empty response
+    base[5].rollout_logprobs = base[5].rollout_logprobs[:0]
+    rewards = rng.random((2, 4))
+    groups = []
+    for g in range(2):
+        rollouts = [Rollout(prompt=r.prompt, tokens=r.response, step_map=r.step_map, logprobs=r.rollout_logprobs,
+                            tail_tokens=None, tail_steps=None, finish_reason="stop") for r in base[4 * g : 4 * g + 4]]
+        groups.append(ScoredGroup(g, rollouts, rewards[g], rewards[g] > 0.5, {}))
+    # the direct side: advantages by the formula, rollouts in step order
+    adv = (rewards - rewards.mean(1, keepdims=True)) / rewards.std(1, keepdims=True)
+    direct = [ScoredRollout(prompt=r.prompt, response=r.tokens, step_map=r.step_map, advantage=float(a),
+                            rollout_logprobs=r.logprobs)
+              for grp, ad in zip(groups, adv) for r, a in zip(grp.rollouts, ad)]
+    return groups, direct
+
+
+def test_minibatches_iterations_shrink_and_importance_weight_match_direct():
+    cfg = gtpo_config(num_iterations=2, mini_batches=2, shrink=2, tis_cap=2.0, eps_low=0.1, eps_high=0.3)
+    model = init_model(ModelConfig.tiny(vocab_size=VOCAB, tie_word_embeddings=False), seed=4)
+    groups, direct = groups_with_an_empty_response(np.random.default_rng(5))
+    session = RecordingSession(model, cfg)
+    metrics = update_policy(session, groups, cfg, reference=None)
+    assert metrics["optimizer_updates"] == 4 and len(session.losses) == 4
+    assert metrics["clip_fraction"] > 0  # the second pass, at ρ ≠ 1, reaches the clipped paths
+
+    theta0 = session.started_from[0]
+    nonempty = [r for r in direct if len(r.response)]
+
+    def per_rollout(values):
+        it = iter(values)
+        return [np.asarray(next(it)[0]) if len(r.response) else np.zeros(0) for r in direct]
+
+    model0 = nnx.merge(session.graphdef, theta0)
+    old = per_rollout(direct_logprobs(model0, nonempty, shrink=2))  # θ_old: before the first update
+    exact_old = per_rollout(direct_logprobs(model0, nonempty, shrink=1))  # exact states, for the weight
+    halves = [slice(0, 4), slice(4, 8)]  # mini-batches: consecutive halves of the step's rollouts
+    for k, params in enumerate(session.started_from):
+        part = halves[k % 2]
+        want = direct_loss(params, session.graphdef, direct[part], "round_mean", 0.0, 2.0, eps_low=0.1,
+                           eps_high=0.3, shrink=2, old=old[part], exact_old=exact_old[part])
+        assert session.losses[k] == pytest.approx(float(want), abs=2e-6), f"update {k}"
+
+
+def test_missing_rollout_logprobs_with_importance_weight_is_an_error():
+    cfg = gtpo_config(tis_cap=2.0)
+    cfg.rollout.backend = "lmdeploy"
+    groups, _ = groups_with_an_empty_response(np.random.default_rng(5))
+    groups[1].rollouts[2].logprobs = None
+    with pytest.raises(ValueError, match="lmdeploy.*returned none for 1 .* of 8"):
+        update_policy(None, groups, cfg, reference=None)
