@@ -171,6 +171,8 @@ class GTPOSection:
     num_response_per_task: int = 8  # rollouts per prompt (a group; advantages are normalised within it)
     oversample: int = 3  # dynamic sampling draws oversample × (groups still missing) prompts per round
     dynamic_sampling: bool = True  # keep only groups whose accuracy is strictly between 0 and 1 (DAPO)
+    shuffle: bool = True  # prompts in a seeded per-epoch shuffle (data.shuffle_seed); false: file order
+    max_rounds: int = 8  # dynamic-sampling rounds per step, then train on what was kept (with a warning)
     eps_low: float = 0.2  # ratio clip: lower bound 1 - eps_low
     eps_high: float = 0.28  # ratio clip: upper bound 1 + eps_high
     beta: float = 0.0  # weight of the k3 KL penalty to the frozen starting policy; 0 = off

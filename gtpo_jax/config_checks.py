@@ -71,7 +71,7 @@ def _rules() -> dict[str, list[Rule]]:
             at_least("num_task_per_step", 1), at_least("num_response_per_task", 2, " (advantages are group-normalised)"),
             at_least("oversample", 1), within("eps_low", 0, 1, high_open=True), at_least("eps_high", 0),
             at_least("beta", 0, " (0 = no KL term)"), at_least("shrink", 1), at_least("num_iterations", 1),
-            at_least("mini_batches", 1), at_least("tis_cap", 0, " (0 = off)"),
+            at_least("mini_batches", 1), at_least("tis_cap", 0, " (0 = off)"), at_least("max_rounds", 1),
             at_least("grader_workers", 0, " (0 = grade in the trainer's process)"), above("grader_timeout_s", 0),
         ],
         "EvalSection": [at_least("every", 0, " (0 = start and end only)"), at_least("num_samples", 1),

@@ -62,3 +62,31 @@ def test_gives_up_after_max_rounds():
     result = dynamic_sample(cursor.draw, list, accuracy, num_groups=2, oversample=2,
                             rng=np.random.default_rng(0), max_rounds=3)
     assert result.groups == [] and result.counts.rounds == 3 and result.counts.drawn == 12
+
+
+def test_warns_when_the_round_cap_is_hit(caplog):
+    cursor = ListCursor([0, 1, 2])  # one mixed group in three
+    with caplog.at_level("WARNING", logger="gtpo_jax"):
+        result = dynamic_sample(cursor.draw, list, accuracy, num_groups=4, oversample=1,
+                                rng=np.random.default_rng(0), max_rounds=2)
+    # round 1: 4 prompts 0,1,2,0 keep {2}; round 2: 3 prompts 1,2,0 keep {2}
+    assert result.groups == [2, 2] and result.counts.rounds == 2
+    assert "max_rounds=2" in caplog.text and "2 of 4 groups" in caplog.text
+
+
+class CharTokenizer:
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) % 200 for c in text]
+
+
+def test_prompt_source_file_order_or_seeded_shuffle():
+    from gtpo_jax.data.pipeline import RLPromptSource
+    from gtpo_jax.data.records import RLQuestion
+
+    questions = [RLQuestion(i, f"q{i}", str(i)) for i in range(7)]
+    plain = RLPromptSource(questions, CharTokenizer(), shuffle=False)
+    assert [p.index for p in plain.draw(10)] == [0, 1, 2, 3, 4, 5, 6, 0, 1, 2]  # file order, epoch after epoch
+    mixed = RLPromptSource(questions, CharTokenizer(), seed=3)
+    drawn = [p.index for p in mixed.draw(14)]
+    expected = [int(i) for e in (0, 1) for i in np.random.default_rng([3, e]).permutation(7)]
+    assert drawn == expected and drawn[:7] != list(range(7))  # seeded per-epoch permutations

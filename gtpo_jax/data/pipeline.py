@@ -148,14 +148,15 @@ class RLPrompt:
 
 
 class RLPromptSource:
-    """Questions in a seeded per-epoch shuffled order, drawn by a resumable integer cursor."""
+    """Questions in a seeded per-epoch shuffled order (or file order: `shuffle=False`), drawn by a
+    resumable integer cursor."""
 
     def __init__(self, questions: Sequence[RLQuestion], tokenizer, *, seed: int = 0, think: bool = False,
-                 shard_index: int = 0, shard_count: int = 1):
+                 shuffle: bool = True, shard_index: int = 0, shard_count: int = 1):
         self.questions = list(questions)[shard_index::shard_count]
         if not self.questions:
             raise RecordError("the RL prompt set is empty for this process; add questions or use fewer processes")
-        self.tokenizer, self.seed, self.think = tokenizer, seed, think
+        self.tokenizer, self.seed, self.think, self.shuffle = tokenizer, seed, think, shuffle
         self.cursor = 0
 
     @classmethod
@@ -164,6 +165,8 @@ class RLPromptSource:
         return cls([dataclasses.replace(q, index=i) for i, q in enumerate(questions)], tokenizer, **kwargs)
 
     def _order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.questions))
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.questions))
 
     def draw(self, k: int) -> list[RLPrompt]:

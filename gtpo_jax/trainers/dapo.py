@@ -50,7 +50,8 @@ def dynamic_sample(
     max_rounds: int = 8,
 ) -> DynamicSampleResult[G]:
     """`draw_prompts(k)` advances the cursor by k prompts; `rollout_and_score(prompts)` returns one
-    scored group per prompt; `group_accuracy(group)` its mean accuracy."""
+    scored group per prompt; `group_accuracy(group)` its mean accuracy. `counts.rounds` (logged as
+    dapo/rounds) is the number of rounds used."""
     counts = DapoCounts()
     kept: list[G] = []
     if not enabled:
@@ -80,8 +81,9 @@ def dynamic_sample(
         kept = [kept[i] for i in chosen]
     elif len(kept) < num_groups:
         log.warning(
-            "dynamic sampling kept %d of %d groups after %d rounds (%d all right, %d all wrong); "
-            "training on what was kept", len(kept), num_groups, counts.rounds, counts.all_right, counts.all_wrong,
+            "dynamic sampling reached gtpo.max_rounds=%d with %d of %d groups kept (%d all right, %d all wrong); "
+            "training on what was kept (raise gtpo.max_rounds or gtpo.oversample to fill the step)",
+            max_rounds, len(kept), num_groups, counts.all_right, counts.all_wrong,
         )
     counts.kept = len(kept)
     return DynamicSampleResult(kept, counts)

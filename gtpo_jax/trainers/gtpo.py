@@ -49,7 +49,8 @@ def run_gtpo(cfg: Config) -> dict:
 
     import_reward_modules(cfg.gtpo.reward_modules)
     session = TrainingSession(cfg, make_data=lambda s: RLPromptSource.from_files(
-        cfg.data.train_files, s.tokenizer, seed=cfg.data.shuffle_seed, think=cfg.data.think))
+        cfg.data.train_files, s.tokenizer, seed=cfg.data.shuffle_seed, think=cfg.data.think,
+        shuffle=cfg.gtpo.shuffle))
     try:
         return _train(session, cfg)
     except BaseException:
@@ -124,7 +125,7 @@ def _train(session, cfg: Config) -> dict:
 
             sampled = dynamic_sample(
                 prompts.draw, rollout_and_score, lambda grp: grp.accuracy, num_groups=g.num_task_per_step,
-                oversample=g.oversample, rng=rng, enabled=g.dynamic_sampling,
+                oversample=g.oversample, rng=rng, enabled=g.dynamic_sampling, max_rounds=g.max_rounds,
             )
             # The policy's performance is measured on everything it generated this step; the
             # kept groups (0 < accuracy < 1) would bias it towards 50%.
