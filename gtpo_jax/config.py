@@ -72,7 +72,7 @@ class MaskingSection:
     num_noisy_copies: int = 1  # SFT: independent maskings of each sample, sharing one clean pass
 
 
-STAGE_LR = {"sft": 1e-5, "gtpo": 1e-6}  # SPEC §5.5: the default learning rate of each stage
+STAGE_LR = {"sft": 1e-5, "gtpo": 1e-6}  # docs/algorithm.md §5.5: the default learning rate of each stage
 
 
 @dataclasses.dataclass

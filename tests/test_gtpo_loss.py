@@ -1,8 +1,8 @@
-"""GTPO loss and gradient against a direct per-token implementation of SPEC §3–§5.
+"""GTPO loss and gradient against a direct per-token implementation of docs/algorithm.md §3–§5.
 
 The direct implementation builds every token's state S_t as an explicit sequence (one padded
 row per token, plain block-causal forward), then writes the clipped surrogate, the ±10 clamp,
-k3, the truncated importance weight and the two normalisations out per SPEC.
+k3, the truncated importance weight and the two normalisations out per docs/algorithm.md.
 """
 
 import jax
@@ -25,7 +25,7 @@ EPS_LOW, EPS_HIGH = 0.2, 0.28
 
 
 def token_states(prompt, response, steps, shrink=1):
-    """Every response token's (state S_t as a sequence, its slot, its round), SPEC §3 / §5.4:
+    """Every response token's (state S_t as a sequence, its slot, its round), docs/algorithm.md §3 / §5.4:
     with `shrink`, a token's state masks every slot of its block whose step is >= the first
     step of its group of `shrink` consecutive distinct steps; the group index is its round."""
     p, r = len(prompt), len(response)
@@ -69,7 +69,7 @@ def direct_logprobs(model, rollouts, shrink=1):
 
 def direct_loss(params, graphdef, rollouts, loss_norm, beta, tis_cap, *, eps_low=EPS_LOW, eps_high=EPS_HIGH,
                 shrink=1, old=None, exact_old=None):
-    """SPEC §5.4 written per token. `old`: per-rollout l(θ_old) (None: θ_old = θ, stop-gradient);
+    """docs/algorithm.md §5.4 written per token. `old`: per-rollout l(θ_old) (None: θ_old = θ, stop-gradient);
     `exact_old`: per-rollout exact-state l(θ_old) for the importance weight (None: `old`)."""
     model = nnx.merge(graphdef, params)
     scored = direct_logprobs(model, [r for r in rollouts if len(r.response)], shrink)
@@ -200,7 +200,7 @@ def test_clipped_paths_with_ratio_off_one(model, shrink, loss_norm):
 @pytest.mark.parametrize("eps_low,eps_high", [(0.0, 0.0), (0.0, 0.28)])
 def test_gradient_at_ratio_one_is_advantage_times_grad_logprob(model, eps_low, eps_high):
     """num_iterations 1 (θ_old = θ, ρ ≡ 1 on a clip boundary when an eps is 0): the gradient is
-    exactly A·∇l (SPEC §5.5), i.e. that of −Σ_t w_t·A·l_t."""
+    exactly A·∇l (docs/algorithm.md §5.5), i.e. that of −Σ_t w_t·A·l_t."""
     rollouts = make_rollouts(np.random.default_rng(2))
     graphdef, params = nnx.split(model)
 

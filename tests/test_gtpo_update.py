@@ -1,4 +1,4 @@
-"""`update_policy` (SPEC §5.4–§5.5) against the direct per-token loss of test_gtpo_loss: θ_old
+"""`update_policy` (docs/algorithm.md §5.4–§5.5) against the direct per-token loss of test_gtpo_loss: θ_old
 computed once before the first update, one update per mini-batch normalised over that
 mini-batch, empty responses counted, shrink > 1 in the loss with an exact-state importance
 weight, and a missing rollout log-prob refused."""

@@ -1,5 +1,5 @@
 """Optimizer settings: stage-dependent learning-rate defaults, and schedules that count optimizer
-updates (SPEC §5.5), checked against the schedule's formula written here."""
+updates (docs/algorithm.md §5.5), checked against the schedule's formula written here."""
 
 import math
 

@@ -220,7 +220,7 @@ def update_policy(session, groups: list[ScoredGroup], cfg: Config, reference) ->
     if g.num_iterations > 1:
         for s, lp in zip(trainable, score(session.params, g.shrink)):
             s.old_logprobs = lp
-    if g.tis_cap > 0 and g.shrink > 1:  # the importance weight compares exact states (SPEC §5)
+    if g.tis_cap > 0 and g.shrink > 1:  # the importance weight compares exact states (docs/algorithm.md §5)
         for s, lp in zip(trainable, score(session.params, 1)):
             s.exact_old_logprobs = lp
     if reference is not None:

@@ -30,7 +30,7 @@ class ScoredRollout:
     old_logprobs: np.ndarray | None = None  # l(θ_old), needed when num_iterations > 1
     ref_logprobs: np.ndarray | None = None  # reference model, needed when beta > 0
     # exact-state l(θ_old) (shrink 1) for the truncated importance weight when the loss's own
-    # states are coarser (shrink > 1); SPEC §5, training/inference mismatch
+    # states are coarser (shrink > 1); docs/algorithm.md §5, training/inference mismatch
     exact_old_logprobs: np.ndarray | None = None
 
 
@@ -56,7 +56,7 @@ def group_advantages(rewards: np.ndarray) -> np.ndarray:
 
 def normalisation_weights(layouts: Sequence[SampleLayout], loss_norm: str) -> list[dict[int, float]]:
     """Per sample, {round: weight of each of its tokens}, normalised over `layouts` (one update's
-    responses, SPEC §5.5).
+    responses, docs/algorithm.md §5.5).
 
     round_mean: a round's terms are averaged over its tokens, rounds summed, divided by the
     number of responses (an empty response counts); token_mean: one weight 1 / (all target
