@@ -34,7 +34,8 @@ from gtpo_jax.layout import pack, sft_layout, trajectory_layout
 from gtpo_jax.losses import target_logprobs
 from gtpo_jax.model import ModelConfig, SDARModel
 from gtpo_jax.model.presets import HF_PRESETS
-from gtpo_jax.plan_costs import ACCELERATORS, count_matmuls, fsdp_comm_bytes, roofline, visible_tile_fraction
+from gtpo_jax.plan_costs import (ACCELERATORS, count_matmuls, fsdp_comm_bytes, original_layout, roofline,
+                                 visible_tile_fraction)
 from gtpo_jax.sampling.sampler import BlockDiffusionSampler, SamplerConfig, _generate, _Static
 from gtpo_jax.sharding import BATCH_AXES, MeshConfig, build_mesh, optimizer_shardings, param_shardings
 from gtpo_jax.trainers.batching import _bucket
@@ -102,6 +103,7 @@ class StepShape:
     targets: int  # target slots per micro-batch
     tile_fraction: float  # attention tiles computed / all tiles
     note: str
+    clean_len: int = 0  # prompt + response tokens of one sample
 
 
 def _round_up(n: int, m: int) -> int:
@@ -125,7 +127,7 @@ def sft_shape(cfg: Config, data_parallel: int, prompt_len: int) -> StepShape:
     return StepShape(cfg.train.micro_batches, _round_up(samples, data_parallel), row_len,
                      _bucket(samples * lay.num_targets, cfg.train.vocab_chunk), frac,
                      f"{samples} samples/micro-batch of {cfg.data.max_len} tokens (prompt {prompt_len}), "
-                     f"one per row, {m.num_noisy_copies} noisy copy")
+                     f"one per row, {m.num_noisy_copies} noisy copy", cfg.data.max_len)
 
 
 def gtpo_shape(cfg: Config, data_parallel: int, prompt_len: int) -> StepShape:
@@ -145,7 +147,7 @@ def gtpo_shape(cfg: Config, data_parallel: int, prompt_len: int) -> StepShape:
     return StepShape(micro, _round_up(per_micro, data_parallel), row_len,
                      _bucket(per_micro * lay.num_targets, cfg.train.vocab_chunk), frac,
                      f"{per_micro} responses/micro-batch of {new} tokens (prompt {prompt_len}), one per row, "
-                     "one token per forward (worst case)")
+                     "one token per forward (worst case)", prompt_len + new)
 
 
 def abstract_batch(shape: StepShape, mesh, per_target: tuple[str, ...], stacked: bool = True) -> dict:
@@ -182,6 +184,7 @@ class ProgramPlan:
     comm_bytes: float = 0.0
     flops_per: str = "step"
     largest: list = dataclasses.field(default_factory=list)
+    original: dict | None = None  # analytic numbers of the original framework's layout
 
     @property
     def peak_bytes(self) -> int:
@@ -229,7 +232,23 @@ def compile_program(name, note, fn, args, *, devices, tile_fraction, tokens, par
     )
 
 
-def plan_update_step(cfg: Config, graphdef, params, mesh, shape: StepShape) -> ProgramPlan:
+def original_estimate(cfg: Config, model_cfg: ModelConfig, shape: StepShape, mesh, plan: ProgramPlan) -> dict:
+    """The same step in the original framework's layout (see plan_costs.original_layout)."""
+    m = model_cfg
+    per_layer = 2 * m.hidden_size * m.num_heads * m.head_dim + 2 * m.hidden_size * m.num_kv_heads * m.head_dim
+    per_layer += 3 * m.hidden_size * m.intermediate_size
+    if cfg.stage == "sft":
+        clean, copies = cfg.data.max_len, cfg.masking.num_noisy_copies
+    else:
+        clean, copies = shape.clean_len, cfg.block_size // cfg.gtpo.shrink  # one copy per distinct step of a block
+    est = original_layout(hidden=m.hidden_size, layers=m.num_layers, heads=m.num_heads, head_dim=m.head_dim,
+                          vocab=m.vocab_size, layer_matmul_params=m.num_layers * per_layer, clean_len=clean,
+                          copies_per_sample=copies, samples_per_device=shape.rows // (mesh.shape["data"] * mesh.shape["fsdp"]),
+                          micro_batches=shape.micro_batches, compute_bytes=jnp.dtype(m.dtype).itemsize)
+    return dict(dataclasses.asdict(est), peak_bytes=plan.param_bytes + plan.optimizer_bytes + est.activation_bytes)
+
+
+def plan_update_step(cfg: Config, graphdef, params, mesh, shape: StepShape, model_cfg: ModelConfig) -> ProgramPlan:
     tx, _ = make_optimizer(cfg.optim, cfg.train.steps)
     opt_state = jax.tree.map(lambda s, sh: _sds(s.shape, s.dtype, sh), jax.eval_shape(tx.init, params),
                              optimizer_shardings(tx, params, mesh))  # as TrainingSession places them
@@ -250,6 +269,7 @@ def plan_update_step(cfg: Config, graphdef, params, mesh, shape: StepShape) -> P
             param_bytes=device_bytes(params), optimizer_bytes=device_bytes(opt_state),
             batch_bytes=device_bytes(batch), donate=(0, 1),
         )
+    plan.original = original_estimate(cfg, model_cfg, shape, mesh, plan)
     m = cfg.model
     plan.comm_bytes = fsdp_comm_bytes(
         sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)), fsdp=mesh.shape["fsdp"], data=mesh.shape["data"],
@@ -298,6 +318,21 @@ def plan_sampler(cfg: Config, graphdef, params, mesh, model_cfg: ModelConfig, pr
 
 
 # ---- report -------------------------------------------------------------------------------------
+_LINEAR_FIELDS = ("param_bytes", "optimizer_bytes", "batch_bytes", "argument_bytes", "output_bytes", "alias_bytes",
+                  "temp_bytes", "flops", "matmul_bytes", "comm_bytes")
+
+
+def extrapolate(small: ProgramPlan, large: ProgramPlan, depths: list[int], layers: int) -> ProgramPlan:
+    """Per-device figures of a `layers`-deep model from plans of two shallower copies."""
+    (d1, d2), out = depths, dataclasses.replace(large)
+    for name in _LINEAR_FIELDS:
+        a, b = getattr(small, name), getattr(large, name)
+        value = b + (b - a) / (d2 - d1) * (layers - d2)
+        setattr(out, name, type(b)(round(value)) if isinstance(b, int) else value)
+    out.note += f" [extrapolated from {d1} and {d2} layers]"
+    return out
+
+
 def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**26 else f"{n / 2**20:.1f} MiB"
 
@@ -325,6 +360,12 @@ def report(plan: ProgramPlan, accelerator: str, memory_bytes: float) -> tuple[li
         f"   estimated time on {acc.name}: {est.step_s:.3g} s ({est.bound}-bound; compute {est.compute_s:.3g} s, "
         f"HBM {est.hbm_s:.3g} s, interconnect {est.comm_s:.3g} s)",
     ]
+    if plan.original:
+        o = plan.original
+        lines.append(
+            f"   original framework's layout (analytic): {o['sequences_per_device']} sequences of {o['sequence_len']} "
+            f"tokens/device/micro-batch, peak >= {_gib(o['peak_bytes'])}, {_flop(o['flops'])}/device, "
+            f">= {o['flops'] / acc.peak_flops:.3g} s at peak FLOP/s (ours at peak: {est.compute_s:.3g} s)")
     if not fits:
         lines.append("   largest arrays: " + "; ".join(plan.largest))
     return lines, fits
@@ -349,6 +390,9 @@ def parse_args(argv):
     parser.add_argument("--sampler-per-device", type=int, default=8, help="sequences per device in the sampler")
     parser.add_argument("--preset", default="sdar_8b", choices=["tiny", "sdar_1_7b", "sdar_8b"],
                         help="architecture to plan when model.path does not exist here (default: sdar_8b)")
+    parser.add_argument("--extrapolate-layers", metavar="L1,L2",
+                        help="compile L1- and L2-layer copies and extrapolate to the full depth (much faster on small "
+                        "machines; e.g. 2,4)")
     parser.add_argument("--json", help="also write the per-program numbers to this file")
     return parser.parse_args(argv)
 
@@ -369,7 +413,9 @@ def _ensure_fake_devices(n: int, argv: list[str]) -> None:
     if f"{_DEVICE_FLAG}={n}" in flags.split() and os.environ.get("JAX_PLATFORMS") == "cpu":
         return
     flags = " ".join(f for f in flags.split() if not f.startswith(_DEVICE_FLAG))
-    env = dict(os.environ, XLA_FLAGS=f"{flags} {_DEVICE_FLAG}={n}".strip(), JAX_PLATFORMS="cpu")
+    # The plan never runs the programs: skip LLVM's expensive optimisations (buffers are unchanged).
+    fast = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    env = dict(os.environ, XLA_FLAGS=f"{flags} {fast} {_DEVICE_FLAG}={n}".strip(), JAX_PLATFORMS="cpu")
     os.execve(sys.executable, [sys.executable, "-m", "gtpo_jax.plan", *argv], env)
 
 
@@ -390,8 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"mesh {dict(mesh.shape)} on {n} fake CPU devices; {model_cfg.param_dtype} master weights, "
           f"{model_cfg.dtype} compute, remat {model_cfg.remat}, attention tiles {model_cfg.attn_q_tile}x"
           f"{model_cfg.attn_kv_tile}")
-    graphdef, params = abstract_params(model_cfg, mesh)
-    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params(model_cfg, mesh)[1]))
     print(f"{count / 1e9:.3f} B parameters")
     wanted = {"sft": ["update"], "gtpo": ["update", "scorer", "sampler"]}[cfg.stage]
     if args.programs != "all":
@@ -400,15 +445,29 @@ def main(argv: list[str] | None = None) -> int:
     shape = (sft_shape if cfg.stage == "sft" else gtpo_shape)(cfg, dp, prompt_len)
     print(f"attention computes {100 * shape.tile_fraction:.0f}% of the tiles of a planned row of {shape.row_len}")
     memory = args.memory_gb * 1e9 if args.memory_gb else ACCELERATORS[args.accelerator].memory_bytes
-    builders = {
-        "update": lambda: plan_update_step(cfg, graphdef, params, mesh, shape),
-        "scorer": lambda: plan_scorer(cfg, graphdef, params, mesh, shape),
-        "sampler": lambda: plan_sampler(cfg, graphdef, params, mesh, model_cfg, prompt_len,
-                                        args.sampler_per_device),
-    }
+
+    def build(name: str, mcfg: ModelConfig) -> ProgramPlan:
+        graphdef, params = abstract_params(mcfg, mesh)
+        if name == "update":
+            return plan_update_step(cfg, graphdef, params, mesh, shape, mcfg)
+        if name == "scorer":
+            return plan_scorer(cfg, graphdef, params, mesh, shape)
+        return plan_sampler(cfg, graphdef, params, mesh, mcfg, prompt_len, args.sampler_per_device)
+
+    depths = sorted(int(x) for x in args.extrapolate_layers.split(",")) if args.extrapolate_layers else None
+    if depths:
+        print(f"compiling {depths[0]}- and {depths[1]}-layer copies of the model and extrapolating every per-device "
+              f"figure linearly to {model_cfg.num_layers} layers (identical layers: exact for parameters, "
+              "optimizer and FLOPs; temporaries assume one more layer adds what the last one did)")
     results, all_fit = [], True
     for name in wanted:
-        plan = builders[name]()
+        if depths:
+            small, large = (build(name, model_cfg.replace(num_layers=d)) for d in depths)
+            plan = extrapolate(small, large, depths, model_cfg.num_layers)
+            if plan.original is not None:
+                plan.original = original_estimate(cfg, model_cfg, shape, mesh, plan)
+        else:
+            plan = build(name, model_cfg)
         lines, fits = report(plan, args.accelerator, memory)
         print("\n".join(lines), flush=True)
         all_fit &= fits

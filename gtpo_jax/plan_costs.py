@@ -141,3 +141,34 @@ def roofline(acc: Accelerator, *, flops: float, hbm_bytes: float, comm_bytes: fl
     bandwidth) — perfect overlap, full peak; real steps are slower (MFU < 1)."""
     link = acc.link_bytes_per_s if devices <= GPUS_PER_NODE else acc.node_link_bytes_per_s
     return Roofline(flops / acc.peak_flops, hbm_bytes / acc.hbm_bytes_per_s, comm_bytes / link)
+
+
+@dataclasses.dataclass
+class OriginalLayoutEstimate:
+    """Analytic per-device numbers for the original PyTorch framework's layout on the same
+    mesh, model, precision and remat: every sequence is [noisy copy; clean copy] (2L tokens)
+    with a dense 2L×2L additive mask, logits over the full vocabulary at all 2L positions,
+    and for GTPO one such sequence per trajectory step copy (the clean half recomputed each
+    time). Attention is a fused kernel that takes the dense mask (no score matrix stored, but
+    every tile computed)."""
+
+    sequences_per_device: int  # per micro-batch
+    sequence_len: int
+    activation_bytes: float  # per micro-batch
+    flops: float  # per device, per step
+
+
+def original_layout(*, hidden: int, layers: int, heads: int, head_dim: int, vocab: int, layer_matmul_params: int,
+                    clean_len: int, copies_per_sample: int, samples_per_device: int, micro_batches: int,
+                    compute_bytes: int = 2) -> OriginalLayoutEstimate:
+    seq = 2 * clean_len
+    n_seq = samples_per_device * copies_per_sample
+    per_seq = (
+        2 * seq * seq  # the bf16 additive mask [2L, 2L]
+        + layers * seq * hidden * compute_bytes  # each layer's input, kept by full remat
+        + 2 * seq * vocab * 4  # float32 logits at every position and their gradient
+    )
+    # forward + rematerialised forward + backward (2x) for the layers; the head is not rematerialised
+    layer_flops = 4 * 2 * layer_matmul_params * seq + 4 * layers * 4 * seq * seq * heads * head_dim
+    head_flops = 3 * 2 * seq * hidden * vocab
+    return OriginalLayoutEstimate(n_seq, seq, n_seq * per_seq, micro_batches * n_seq * (layer_flops + head_flops))
