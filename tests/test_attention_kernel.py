@@ -82,8 +82,8 @@ def test_values_and_gradients_match_dense(name):
     allowed = allowed_mask(q_lay, kv_lay)
     rng = np.random.default_rng(len(name))
     b, lq, lk = allowed.shape
-    q = jnp.asarray(rng.normal(size=(b, lq, 4, 16)), jnp.float32)
-    k, v = (jnp.asarray(rng.normal(size=(b, lk, 2, 16)), jnp.float32) for _ in range(2))
+    q = jnp.asarray(rng.normal(size=(b, lq, 2, 16)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(b, lk, 1, 16)), jnp.float32) for _ in range(2))
     w = jnp.asarray(rng.normal(size=q.shape), jnp.float32)  # a generic cotangent
 
     def kernel(q, k, v):
