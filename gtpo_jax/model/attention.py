@@ -23,6 +23,7 @@ Pallas kernels (`attention_pallas`), chosen automatically; CPU keeps this path.
 from __future__ import annotations
 
 import functools
+import os
 from typing import NamedTuple
 
 import jax
@@ -215,14 +216,17 @@ def block_causal_attention(
     Queries that see no key (padding) return zeros. Scores and softmax run in float32.
     `implementation`: "jax" (this module's tiled loop; q_tile/kv_tile apply), "pallas" (fused
     GPU kernels with their own tiles), "pallas_interpret" (the same kernels interpreted, for
-    CPU tests); None picks "pallas" on GPU and "jax" elsewhere.
+    CPU tests); None picks "pallas" on GPU and "jax" elsewhere, unless the environment variable
+    GTPO_JAX_ATTENTION names one (e.g. GTPO_JAX_ATTENTION=jax on a GPU whose Triton cannot
+    compile the kernels).
     """
     b, lq, hq, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
     if hq % hkv:
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
     if implementation is None:
-        implementation = "pallas" if jax.default_backend() == "gpu" else "jax"
+        on_gpu = jax.default_backend() == "gpu"
+        implementation = os.environ.get("GTPO_JAX_ATTENTION") or ("pallas" if on_gpu else "jax")
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     if implementation != "jax":

@@ -37,6 +37,11 @@ def _visible(qs, qb, qc, ks, kb, kc):
     return (qs == ks) & (ks > 0) & (((kc == 0) & (kb < qb)) | ((kc == qc) & (kb == qb)))
 
 
+def _any(mask):
+    # an integer max: Triton reduces i1 tensors poorly
+    return jnp.max(mask.astype(jnp.int32)) > 0
+
+
 def _dot(a, b, contract_a, contract_b):
     return jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())),
                                preferred_element_type=jnp.float32)
@@ -63,7 +68,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qs_ref, qb_ref, qc_ref, ks_ref, kb_ref, kc_
             acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, 1, 0)
             return m_new, l * alpha + p.sum(axis=1), acc
 
-        return jax.lax.cond(jnp.any(mask), update, lambda c: c, carry)
+        return jax.lax.cond(_any(mask), update, lambda c: c, carry)
 
     init = (jnp.full((tq,), -jnp.inf, jnp.float32), jnp.zeros((tq,), jnp.float32), jnp.zeros((tq, d), jnp.float32))
     m, l, acc = jax.lax.fori_loop(0, n_kv, kv_step, init)
@@ -97,7 +102,7 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, qs_ref, qb_ref,
                 dk = dk + _dot(ds.astype(q.dtype), q, 0, 0) * scale
             return dk, dv
 
-        return jax.lax.cond(jnp.any(mask), update, lambda c: c, carry)
+        return jax.lax.cond(_any(mask), update, lambda c: c, carry)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = jax.lax.fori_loop(0, n_q, q_step, (zeros, zeros))
@@ -120,7 +125,7 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, qs_ref, qb_ref, 
             ds = p * (_dot(do, v_ref[sl, :], 1, 1) - delta[:, None])
             return dq + _dot(ds.astype(k.dtype), k, 1, 0) * scale
 
-        return jax.lax.cond(jnp.any(mask), update, lambda c: c, dq)
+        return jax.lax.cond(_any(mask), update, lambda c: c, dq)
 
     dq = jax.lax.fori_loop(0, n_kv, kv_step, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = dq.astype(dq_ref.dtype)
