@@ -33,7 +33,7 @@ def gtpo_overrides(out_dir, **extra) -> list[str]:
         "data.synthetic_train": 64, "data.synthetic_eval": 4, "train.steps": 1,
         "checkpoint.save_every": 1, "checkpoint.export_hf": "false", "eval.enabled": "false",
         "rollout.max_new_tokens": 8, "gtpo.num_task_per_step": 2, "gtpo.num_response_per_task": 2,
-        "gtpo.oversample": 1,
+        "gtpo.oversample": 1, "gtpo.grader_workers": 0,  # grading in this process: no worker start-up
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
@@ -116,6 +116,7 @@ def _disk_full(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the injected ENOSPC
 def test_full_disk_under_tensorboard_never_blocks_training(tmp_path, monkeypatch, caplog):
     import tensorboardX.event_file_writer as tb_events
 
