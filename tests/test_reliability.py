@@ -472,3 +472,13 @@ def test_resume_with_another_block_size_is_refused_before_the_model_loads(tmp_pa
         run_sft(load_config(Config, SFT_TINY, overrides + ["block_size=8"]))
     assert "block_size: 4" in (tmp_path / "config.yaml").read_text()  # the stored config is not rewritten
     OutputDirLock(str(tmp_path)).acquire().release()  # and the refusal released the directory
+
+    # accept_config_changes lets other keys through, never one that changes what a checkpoint means.
+    accept = overrides + ["checkpoint.accept_config_changes=true"]
+    for changed, shown in (("block_size=8", "block_size: 4 -> 8"),
+                           ("model.preset_overrides={num_layers: 3}", "model.preset_overrides")):
+        with pytest.raises(ConfigError) as err:
+            run_sft(load_config(Config, SFT_TINY, accept + [changed]))
+        message = str(err.value)
+        assert shown in message and "new output_dir" in message and "\n" not in message, message
+    assert "block_size: 4" in (tmp_path / "config.yaml").read_text()

@@ -30,6 +30,9 @@ log = logging.getLogger("gtpo_jax")
 # out on devices and logged, not what it computes.
 RESUMABLE_KEYS = ("checkpoint.", "eval.", "mesh.", "gpu.", "distributed.", "train.steps", "train.log_every",
                   "train.wandb_project")
+# Keys that change what a checkpoint's arrays mean (diffusion block size, architecture): a resume
+# across such a change is refused even with checkpoint.accept_config_changes.
+CHECKPOINT_SHAPING_KEYS = ("block_size", "model.preset", "model.preset_overrides")
 
 
 class TrainingSession:
@@ -129,6 +132,13 @@ class TrainingSession:
                                      ignore=RESUMABLE_KEYS)
         if not changes:
             return
+        shaping = [line for line in changes if line.startswith(CHECKPOINT_SHAPING_KEYS)]
+        if shaping:
+            raise ConfigError(
+                f"{self.cfg.output_dir} holds checkpoints of another model: {'; '.join(shaping)} "
+                "(these keys change what a checkpoint means, so checkpoint.accept_config_changes does not apply). "
+                "Choose a new output_dir, or keep the stored values"
+            )
         if self.cfg.checkpoint.accept_config_changes:
             log.warning("resuming %s with a changed config (accepted): %s", self.cfg.output_dir, "; ".join(changes))
             return
