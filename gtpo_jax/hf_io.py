@@ -28,7 +28,7 @@ from tqdm import tqdm
 from gtpo_jax.distributed import barrier
 from gtpo_jax.export_dir import check_export_destination, staged_directory
 from gtpo_jax.model import ModelConfig, SDARModel, model_from_params
-from gtpo_jax.model.config import DTYPES
+from gtpo_jax.model.config import DTYPES, read_json_file
 from gtpo_jax.model.params import (
     CheckpointMismatchError,
     Path,
@@ -68,8 +68,11 @@ def safetensors_files(path: str | os.PathLike) -> dict[str, str]:
     path = os.fspath(path)
     index = os.path.join(path, SAFETENSORS_INDEX)
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+        content = read_json_file(index)
+        weight_map = content.get("weight_map") if isinstance(content, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointMismatchError(f"{index} has no 'weight_map' (tensor name -> file); the index is damaged: "
+                                          "copy it again from the model's source")
         return {name: os.path.join(path, fname) for name, fname in weight_map.items()}
     single = os.path.join(path, SINGLE_SAFETENSORS)
     if os.path.isfile(single):
@@ -144,8 +147,7 @@ def read_hf_config(path: str | os.PathLike) -> dict:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{path} has no config.json; is it an HF model directory?")
-    with open(cfg_path) as f:
-        return json.load(f)
+    return read_json_file(cfg_path)
 
 
 def load_hf_model(path: str | os.PathLike, **runtime) -> SDARModel:

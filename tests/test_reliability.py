@@ -482,3 +482,69 @@ def test_resume_with_another_block_size_is_refused_before_the_model_loads(tmp_pa
         message = str(err.value)
         assert shown in message and "new output_dir" in message and "\n" not in message, message
     assert "block_size: 4" in (tmp_path / "config.yaml").read_text()
+
+
+# ---- 8. broken HF model directories and non-UTF-8 data: one line naming the file -------------------------
+def _broken_hf_dir(directory, case) -> str:
+    """An HF directory damaged in one way; returns the file the error must name."""
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps({"model_type": "sdar", "hidden_size": 8}))
+    if case == "config_json":
+        from safetensors.numpy import save_file
+
+        save_file({"model.norm.weight": np.ones(8, np.float32)}, str(directory / "model.safetensors"))
+        (directory / "config.json").write_text('{"model_type": "sdar", "hidden_size": ')  # cut short
+        return str(directory / "config.json")
+    if case == "index_without_weight_map":
+        (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 8}}))
+        return str(directory / "model.safetensors.index.json")
+    # A header length of 2**64 - 1 followed by a few bytes (OverflowError under the old hand-written
+    # header parser; safetensors' own reader rejects it, and the error must name the file).
+    (directory / "model.safetensors").write_bytes(b"\xff" * 8 + b'{"a": 1}')
+    return str(directory / "model.safetensors")
+
+
+@pytest.mark.parametrize("case", ["config_json", "index_without_weight_map", "safetensors_header"])
+def test_broken_hf_dir_names_the_file_and_the_problem(tmp_path, case):
+    from gtpo_jax.checkpoint import load_model
+    from gtpo_jax.cli import error_line
+
+    bad_file = _broken_hf_dir(tmp_path / "model", case)
+    with pytest.raises(ValueError) as err:
+        load_model(str(tmp_path / "model"))
+    line = error_line(err.value)
+    assert bad_file in line, line
+    assert {"config_json": "not valid JSON", "index_without_weight_map": "'weight_map'",
+            "safetensors_header": "not a readable safetensors file"}[case] in line, line
+
+
+def test_empty_model_dir_names_the_missing_tokenizer_files(tmp_path, capsys):
+    from gtpo_jax import train
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "train.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
+    rc = train.main(["--config", SFT_TINY, f"output_dir={tmp_path / 'run'}", f"model.path={tmp_path / 'model'}",
+                     "data.synthetic=false", f"data.train_files=[{tmp_path / 'train.jsonl'}]", "data.eval_files=[]"])
+    err = capsys.readouterr().err
+    assert rc != 0 and err.count("\n") <= 2, err
+    last = err.strip().splitlines()[-1]
+    assert f"{tmp_path / 'model'} holds no tokenizer" in last and "tokenizer.json" in last, err
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_non_utf8_data_file_names_file_and_line(tmp_path, suffix):
+    from gtpo_jax.data.records import RecordError, read_rl_records
+
+    good = {"question": "1+1?", "ground_truth_answer": "2"}
+    raw = json.dumps(good).encode() + b"\n" + json.dumps({**good, "question": "caf\u00e9"}, ensure_ascii=False).encode("latin-1") + b"\n"
+    if suffix == ".json":
+        raw = b"[" + raw.replace(b"}\n{", b"},\n{") + b"]"
+    path = tmp_path / f"rl{suffix}"
+    path.write_bytes(raw)
+    with pytest.raises(RecordError) as err:
+        read_rl_records(str(path))
+    message = str(err.value)
+    expected_start = f"{path}:2:" if suffix == ".jsonl" else f"{path}: "
+    assert message.startswith(expected_start) and "not valid UTF-8" in message, message
+    if suffix == ".json":
+        assert "line 2, byte offset" in message, message

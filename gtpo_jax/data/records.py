@@ -72,8 +72,9 @@ def _iter_raw(path: str) -> Iterator[tuple[str, object]]:
         for i, row in enumerate(pq.read_table(path).to_pylist()):
             yield f"{path}[record {i}]", row
     elif lower.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
+        with open(path, "rb") as f:  # bytes: a bad UTF-8 sequence is then reported with its line
+            for line_no, raw in enumerate(f, start=1):
+                line = _utf8(raw, f"{path}:{line_no}")
                 if not line.strip():
                     continue
                 try:
@@ -81,17 +82,32 @@ def _iter_raw(path: str) -> Iterator[tuple[str, object]]:
                 except json.JSONDecodeError as e:
                     raise RecordError(f"{path}:{line_no}: malformed JSON ({e.msg} at column {e.colno})") from None
     elif lower.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise RecordError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            data = json.loads(_utf8(raw, path, whole_file=True))
+        except json.JSONDecodeError as e:
+            raise RecordError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
         if not isinstance(data, list):
             raise RecordError(f"{path}: a .json data file must hold a list of records")
         for i, row in enumerate(data):
             yield f"{path}[record {i}]", row
     else:
         raise RecordError(f"{path}: unsupported data format; use .jsonl, .json (a list) or .parquet")
+
+
+def _utf8(raw: bytes, location: str, *, whole_file: bool = False) -> str:
+    """`raw` (a line, or a whole file) decoded as UTF-8, or an error naming where the first bad byte is."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if whole_file:
+            line = raw.count(b"\n", 0, e.start) + 1
+            where = f"line {line}, byte offset {e.start}"
+        else:
+            where = f"byte {e.start + 1} of the line"
+        raise RecordError(f"{location}: not valid UTF-8 ({where}: {e.reason}, byte 0x{raw[e.start]:02x}); "
+                          "data files must be UTF-8 (re-encode it, e.g. iconv -f latin1 -t utf-8)") from None
 
 
 def _fields(location: str, row, names: tuple[str, ...]) -> list[str]:

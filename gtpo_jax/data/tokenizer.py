@@ -75,11 +75,20 @@ def tokenizer_dir_for(model_path: str) -> str:
     return next((c for c in candidates if os.path.isdir(c)), model_path)
 
 
+# Files from which transformers can build a tokenizer (a fast tokenizer, BPE vocabulary, sentencepiece).
+TOKENIZER_FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",))
+
+
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     if not os.path.isdir(path):
         raise TokenizerError(f"tokenizer directory {path} does not exist")
+    found = set(os.listdir(path))
+    if not any(set(files) <= found for files in TOKENIZER_FILE_SETS):
+        raise TokenizerError(
+            f"{path} holds no tokenizer: it needs {' or '.join('+'.join(files) for files in TOKENIZER_FILE_SETS)} "
+            f"(found: {', '.join(sorted(found)[:8]) or 'nothing'}); set tokenizer.path to the model's HF directory")
     return AutoTokenizer.from_pretrained(path)
 
 

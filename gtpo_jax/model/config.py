@@ -25,6 +25,18 @@ class ModelConfigError(ValueError):
     """A model configuration that cannot describe a supported SDAR/Qwen3 model."""
 
 
+def read_json_file(path: str | os.PathLike) -> Any:
+    """The JSON in `path` (config.json, an index), or one error naming the file and what is wrong."""
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ModelConfigError(f"{path} is not valid UTF-8 (byte offset {e.start}); the file is damaged") from None
+    except json.JSONDecodeError as e:
+        raise ModelConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
+                               "the file is damaged or was cut short: copy it again from the model's source") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
@@ -149,8 +161,7 @@ class ModelConfig:
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_path):
             raise ModelConfigError(f"{path} has no config.json; is it an HF model directory?")
-        with open(cfg_path) as f:
-            return cls.from_hf_dict(json.load(f), **runtime)
+        return cls.from_hf_dict(read_json_file(cfg_path), **runtime)
 
     def to_hf_dict(self, base: dict[str, Any] | None = None) -> dict[str, Any]:
         """HF fields for this architecture; fields of `base` (the source config) are kept."""

@@ -20,6 +20,7 @@ from gtpo_jax.data.tokenizer import tokenizer_dir_for
 from gtpo_jax.distributed import barrier
 from gtpo_jax.logs import setup_logging
 from gtpo_jax.metrics import MetricsWriter, WandbWriter, format_line, import_wandb
+from gtpo_jax.model.config import read_json_file
 from gtpo_jax.run_lock import OutputDirLock
 from gtpo_jax.sharding import (MeshConfig, build_mesh, optimizer_shardings, replicate_unsharded, shard_micro_batches,
                                shard_model, to_host)
@@ -171,10 +172,7 @@ class TrainingSession:
         path = self.cfg.model.path
         for candidate in (path, tokenizer_dir_for(path) if path else None):
             if candidate and os.path.isfile(os.path.join(candidate, "config.json")):
-                import json
-
-                with open(os.path.join(candidate, "config.json")) as f:
-                    return json.load(f)
+                return read_json_file(os.path.join(candidate, "config.json"))
         return None
 
     def sft_data(self):
