@@ -7,6 +7,7 @@ import dataclasses
 import difflib
 import inspect
 import io
+import os
 import textwrap
 import tokenize
 import types
@@ -254,8 +255,10 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 def config_differences(stored: dict, current: dict, defaults: dict, *, ignore: tuple[str, ...] = ()) -> list[str]:
     """'key: old -> new' for every key whose value differs between a stored and the current
     config (a key the stored file lacks counts as its default); keys starting with one of
-    `ignore` are skipped."""
+    `ignore` are skipped. A run directory may be moved or copied: paths inside the stored
+    output_dir compare as the same paths inside the current one, and output_dir itself is no change."""
     old, new, base = flatten(stored), flatten(current), flatten(defaults)
+    old = {key: _relocated(value, old.get("output_dir"), new.get("output_dir")) for key, value in old.items()}
     lines = []
     for key in sorted(set(old) | set(new)):
         if key.startswith(ignore):
@@ -264,3 +267,17 @@ def config_differences(stored: dict, current: dict, defaults: dict, *, ignore: t
         if before != after:
             lines.append(f"{key}: {before!r} -> {after!r}")
     return lines
+
+
+def _relocated(value, old_dir, new_dir):
+    """`value` with the prefix `old_dir` of its paths replaced by `new_dir` (lists element-wise)."""
+    if isinstance(value, list):
+        return [_relocated(item, old_dir, new_dir) for item in value]
+    if not (isinstance(value, str) and isinstance(old_dir, str) and isinstance(new_dir, str)):
+        return value
+    old_root = os.path.normpath(old_dir)
+    if os.path.normpath(value) == old_root:
+        return new_dir
+    if value.startswith(old_root + os.sep):
+        return os.path.join(new_dir, os.path.relpath(value, old_root))
+    return value

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import typing
 
 import pytest
@@ -95,6 +96,15 @@ def test_changed_config_does_not_resume_silently(tmp_path):
     for extra in ([], ["train.steps=800", "checkpoint.save_every=5", "train.log_every=2", "eval.every=3"]):
         with pytest.raises(_Stop):
             TrainingSession(load_config(Config, SFT_TINY, base + extra), make_data=_stop_after_checks)
+
+    # A run directory copied elsewhere resumes there: its own paths moved with it (a path outside it did not).
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    with pytest.raises(_Stop):
+        TrainingSession(load_config(Config, SFT_TINY, base + [f"output_dir={moved}"]), make_data=_stop_after_checks)
+    with pytest.raises(ConfigError, match="tokenizer.path"):
+        TrainingSession(load_config(Config, SFT_TINY, base + [f"output_dir={moved}", f"tokenizer.path={tmp_path}/tok"]),
+                        make_data=_stop_after_checks)
 
     changed = base + ["optim.lr=0.01", "masking.upper_p=0.5"]
     with pytest.raises(ConfigError) as err:

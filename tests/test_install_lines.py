@@ -30,7 +30,7 @@ def extras() -> dict[str, list[Requirement]]:
 def test_readme_install_lines_are_found():
     with open(os.path.join(ROOT, "README.md")) as f:
         targets = cil.documented_targets(f.read())
-    assert {".", ".[test]", ".[gpu,lmdeploy]"} <= set(targets)
+    assert {".[plot]", ".[test]", ".[gpu,lmdeploy]"} <= set(targets)  # demo, tests, GPU node
     assert cil.union_target(targets).startswith(".[") and "gpu" in cil.union_target(targets)
 
 

@@ -13,6 +13,7 @@ from unittest import mock
 
 import numpy as np
 import pytest
+from safetensors import safe_open
 
 pytest.importorskip("lmdeploy", reason="LMDeploy bridge tests need `pip install .[lmdeploy]` (or lmdeploy --no-deps)")
 torch = pytest.importorskip("torch")
@@ -22,6 +23,7 @@ try:  # xgrammar (guided decoding, GPU wheels only) is imported by the engine mo
 except ImportError:
     sys.modules["xgrammar"] = mock.MagicMock(name="xgrammar")
 
+from gtpo_jax.export_dir import EXPORT_MARKER  # noqa: E402
 from gtpo_jax.rollout import lmdeploy_backend as lb  # noqa: E402
 
 
@@ -131,15 +133,14 @@ def _gtpo_config(tmp_path, *overrides):
 def test_make_backend_starts_the_engine_on_a_bf16_export_and_keeps_no_copy(tmp_path, monkeypatch):
     """The engine starts on a bf16 export of the fp32 master weights (never fp32 on disk, never
     LMDeploy's `auto`), and once it has loaded them the export's weight files are gone."""
-    from gtpo_jax.hf_io import _safetensors_header
-
     seen = {}
 
     def build(self, model_dir):
         files = sorted(os.listdir(model_dir))
-        header, _ = _safetensors_header(os.path.join(model_dir, "model.safetensors"))
+        with safe_open(os.path.join(model_dir, "model.safetensors"), framework="numpy") as st:
+            dtypes = {st.get_slice(name).get_dtype() for name in st.keys()}
         with open(os.path.join(model_dir, "config.json")) as f:
-            seen.update(files=files, dtypes={v["dtype"] for k, v in header.items() if k != "__metadata__"},
+            seen.update(files=files, dtypes=dtypes,
                         torch_dtype=json.load(f)["torch_dtype"], engine_dtype=self.engine_config().dtype)
         engine = _FakeEngine()
         engine.cache_config = types.SimpleNamespace(num_gpu_blocks=100, block_size=64)
@@ -152,7 +153,8 @@ def test_make_backend_starts_the_engine_on_a_bf16_export_and_keeps_no_copy(tmp_p
     assert seen["dtypes"] == {"BF16"} and seen["torch_dtype"] == "bfloat16" and seen["engine_dtype"] == "bfloat16"
     assert "model.safetensors" in seen["files"] and "tokenizer_config.json" in seen["files"]
     left = sorted(os.listdir(tmp_path / "run" / "lmdeploy_policy"))
-    assert left == ["config.json", "tokenizer_config.json"]  # no weights kept on disk
+    # no weights kept on disk (the marker says the directory is ours to replace on the next export)
+    assert left == [EXPORT_MARKER, "config.json", "tokenizer_config.json"]
     assert backend.dtype == "bfloat16" and not backend.sleep_during_update
 
 
