@@ -21,6 +21,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import jax
 import ml_dtypes
 import numpy as np
+from huggingface_hub import split_state_dict_into_shards_factory
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from tqdm import tqdm
@@ -270,20 +271,6 @@ def _to_hf_tensor(
     return name, tensor
 
 
-def _plan_shards(names: list[str], tensors: Mapping[str, np.ndarray], limit: int) -> list[list[str]]:
-    """Greedy, in checkpoint order; a tensor larger than the limit gets a shard of its own."""
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name in names:
-        nbytes = tensors[name].nbytes
-        if shards[-1] and size + nbytes > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    return shards
-
-
 def write_hf_dir(
     params: Mapping | Iterable[tuple[Path, Any]],
     cfg: ModelConfig,
@@ -353,21 +340,18 @@ def write_hf_dir(
 
 def _write_weights(tensors: dict[str, np.ndarray], names: list[str], limit: int, out_dir: str,
                    progress: bool) -> tuple[list[str], dict[str, str]]:
-    """Safetensors shard(s), plus the index when there are several; `tensors` is emptied as they are written."""
-    total = sum(t.nbytes for t in tensors.values())
-    shards = _plan_shards(names, tensors, limit)
-    files = (
-        [SINGLE_SAFETENSORS] if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    )
-    weight_map = {}
-    for fname, shard in tqdm(list(zip(files, shards)), desc="writing", unit="shard", disable=not progress):
+    """Safetensors shard(s), plus the index when there are several; `tensors` is emptied as they are written.
+    Shards are planned by huggingface_hub's splitter (transformers' own rule), in checkpoint order."""
+    split = split_state_dict_into_shards_factory(
+        {n: tensors[n] for n in names}, get_storage_size=lambda t: t.nbytes,
+        filename_pattern=SINGLE_SAFETENSORS.replace(".safetensors", "{suffix}.safetensors"), max_shard_size=limit)
+    for fname, shard in tqdm(list(split.filename_to_tensors.items()), desc="writing", unit="shard",
+                             disable=not progress):
         save_file({n: tensors[n] for n in shard}, os.path.join(out_dir, fname), metadata={"format": "pt"})
         for n in shard:
-            weight_map[n] = fname
             del tensors[n]  # written: let it go
-    if len(shards) > 1:
+    if split.is_sharded:
         with open(os.path.join(out_dir, SAFETENSORS_INDEX), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+            json.dump({"metadata": split.metadata, "weight_map": split.tensor_to_filename}, f, indent=2)
             f.write("\n")
-    return files, weight_map
+    return list(split.filename_to_tensors), split.tensor_to_filename
