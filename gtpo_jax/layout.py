@@ -74,6 +74,13 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+def gtpo_row_len(block_size: int, max_new_tokens: int, prompt_len: int) -> int:
+    """Worst-case packed row of one rollout: clean prompt + response, plus at most B noisy copies
+    of B slots per response block (every block decoded one token per forward), a multiple of 128."""
+    response_blocks = max_new_tokens // block_size + 2
+    return _round_up(prompt_len + max_new_tokens + response_blocks * block_size * block_size, 128)
+
+
 def block_view(sequence: np.ndarray, block: int, block_size: int, fill: int) -> np.ndarray:
     """Slots of absolute block `block` of `sequence`, `fill` past its end."""
     out = np.full(block_size, fill, np.int32)

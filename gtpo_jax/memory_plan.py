@@ -25,6 +25,7 @@ import os
 import sys
 
 from gtpo_jax.config import Config
+from gtpo_jax.layout import gtpo_row_len
 from gtpo_jax.model.config import ModelConfig
 from gtpo_jax.model.params import expected_hf_names, hf_shape
 
@@ -52,9 +53,7 @@ def kv_bytes_per_token(model_cfg: ModelConfig, tp: int, dtype_bytes: int = 2) ->
 def trainer_row_tokens(cfg: Config) -> int:
     """Tokens of one packed training row (what one device processes per micro-batch, at least)."""
     if cfg.stage == "gtpo":
-        from gtpo_jax.trainers.gtpo import gtpo_row_len
-
-        return gtpo_row_len(cfg, PROMPT_TOKENS)
+        return gtpo_row_len(cfg.block_size, cfg.rollout.max_new_tokens, PROMPT_TOKENS)
     return cfg.train.row_len or cfg.data.max_len * 2
 
 

@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gtpo_jax.config import Config
 from gtpo_jax.config_loader import load_config
-from gtpo_jax.layout import pack, sft_layout, trajectory_layout
+from gtpo_jax.layout import gtpo_row_len, pack, sft_layout, trajectory_layout
 from gtpo_jax.losses import target_logprobs
 from gtpo_jax.model import ModelConfig, SDARModel
 from gtpo_jax.model.presets import HF_PRESETS
@@ -39,7 +39,6 @@ from gtpo_jax.sampling.sampler import BlockDiffusionSampler, SamplerConfig, _gen
 from gtpo_jax.sharding import BATCH_AXES, MeshConfig, build_mesh, optimizer_shardings, param_shardings
 from gtpo_jax.trainers.batching import _bucket
 from gtpo_jax.trainers.common import make_optimizer, make_update_step, runtime_model_options
-from gtpo_jax.trainers.gtpo import gtpo_row_len
 from gtpo_jax.trainers.gtpo_objective import gtpo_loss_fn
 from gtpo_jax.trainers.sft import sft_loss_fn, sft_row_len
 
@@ -140,7 +139,7 @@ def gtpo_shape(cfg: Config, data_parallel: int, prompt_len: int) -> StepShape:
     rng = np.random.default_rng(0)
     lay = trajectory_layout(rng.integers(1, 100, prompt_len), rng.integers(1, 100, new), np.arange(1, new + 1),
                             block_size=b, mask_id=0, shrink=g.shrink)
-    row_len = gtpo_row_len(cfg, prompt_len)
+    row_len = gtpo_row_len(cfg.block_size, cfg.rollout.max_new_tokens, prompt_len)
     frac = visible_tile_fraction(pack([lay], block_size=b, row_len=row_len),
                                  cfg.model.attn_q_tile, cfg.model.attn_kv_tile)
     return StepShape(micro, _round_up(per_micro, data_parallel), row_len,

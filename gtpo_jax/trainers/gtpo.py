@@ -13,6 +13,7 @@ from flax import nnx
 
 from gtpo_jax.config import Config
 from gtpo_jax.distributed import barrier, broadcast_from_first
+from gtpo_jax.layout import gtpo_row_len
 from gtpo_jax.rollout.base import Rollout
 from gtpo_jax.trainers.batching import split_evenly
 from gtpo_jax.trainers.dapo import dynamic_sample
@@ -34,13 +35,6 @@ class ScoredGroup:
     @property
     def accuracy(self) -> float:
         return float(self.correct.mean())
-
-
-def gtpo_row_len(cfg: Config, prompt_len: int) -> int:
-    """Clean prompt + response, plus at most B copies of B slots per response block."""
-    b = cfg.block_size
-    response_blocks = cfg.rollout.max_new_tokens // b + 2
-    return -(-(prompt_len + cfg.rollout.max_new_tokens + response_blocks * b * b) // 128) * 128
 
 
 def run_gtpo(cfg: Config) -> dict:
@@ -226,7 +220,7 @@ def update_policy(session, groups: list[ScoredGroup], cfg: Config, reference) ->
     if reference is not None:
         for s, lp in zip(trainable, score(reference, g.shrink)):
             s.ref_logprobs = lp
-    row_len = gtpo_row_len(cfg, max(len(s.prompt) for s in scored))
+    row_len = gtpo_row_len(cfg.block_size, cfg.rollout.max_new_tokens, max(len(s.prompt) for s in scored))
     sums: dict[str, float] = {}
     updates = 0
     for _ in range(g.num_iterations):
