@@ -45,11 +45,7 @@ def run_gtpo(cfg: Config) -> dict:
     session = TrainingSession(cfg, make_data=lambda s: RLPromptSource.from_files(
         cfg.data.train_files, s.tokenizer, seed=cfg.data.shuffle_seed, think=cfg.data.think,
         shuffle=cfg.gtpo.shuffle))
-    try:
-        return _train(session, cfg)
-    except BaseException:
-        session.abort()  # the checkpoint in flight is finished, the output directory released
-        raise
+    return session.run(lambda s: _train(s, cfg))  # on an error: checkpoint in flight finished, directory released
 
 
 def _train(session, cfg: Config) -> dict:

@@ -299,6 +299,14 @@ class TrainingSession:
         self._release()
         return {"metrics": last_metrics, "eval": self.eval_results}
 
+    def run(self, train) -> dict:
+        """`train(self)`; after an error the session is aborted and the error re-raised."""
+        try:
+            return train(self)
+        except BaseException:
+            self.abort()
+            raise
+
     def abort(self) -> None:
         """After an error: let the checkpoint in flight finish (or say why it failed), close the
         writers and release the output directory. The caller re-raises the error."""

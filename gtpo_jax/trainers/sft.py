@@ -94,11 +94,7 @@ def run_sft(cfg: Config) -> dict:
     from gtpo_jax.trainers.session import TrainingSession
 
     session = TrainingSession(cfg, make_data=TrainingSession.sft_data)
-    try:
-        return _train(session, cfg)
-    except BaseException:
-        session.abort()  # the checkpoint in flight is finished, the output directory released
-        raise
+    return session.run(lambda s: _train(s, cfg))  # on an error: checkpoint in flight finished, directory released
 
 
 def _train(session, cfg: Config) -> dict:
