@@ -23,7 +23,7 @@ from gtpo_jax.metrics import MetricsWriter, WandbWriter, format_line, import_wan
 from gtpo_jax.model.config import read_json_file
 from gtpo_jax.run_lock import OutputDirLock
 from gtpo_jax.sharding import (MeshConfig, build_mesh, optimizer_shardings, replicate_unsharded, shard_micro_batches,
-                               shard_model, to_host)
+                               shard_model)
 from gtpo_jax.trainers.common import BadStepGuard, build_model, make_optimizer, make_update_step
 
 log = logging.getLogger("gtpo_jax")
@@ -267,22 +267,17 @@ class TrainingSession:
 
     def export_hf(self, out_dir: str) -> None:
         """Write the live policy as an HF directory (config.json and tokenizer from the run's
-        hf_assets). Parameters are gathered one tensor at a time on every process (a collective
-        when they are sharded across processes); process 0 writes."""
+        hf_assets) through `hf_io.export_hf_dir`: every process takes part in the per-tensor
+        gathers, process 0 writes."""
         from gtpo_jax.checkpoint import param_tree
-        from gtpo_jax.hf_io import read_hf_config, write_hf_dir
-        from gtpo_jax.model.params import iter_nested
+        from gtpo_jax.hf_io import export_hf_dir, read_hf_config
 
-        barrier("export")
-        tensors = ((path, to_host(array)) for path, array in iter_nested(param_tree(self.params)))
-        if jax.process_index() != 0:
-            for _ in tensors:  # take part in the gathers
-                pass
-            return
+        barrier("export")  # processes meet before the first gather (CPU collectives tolerate little skew)
         assets = self.checkpointer.hf_assets_dir
-        write_hf_dir(tensors, self.model_cfg, out_dir, dtype=self.cfg.checkpoint.export_dtype,
-                     source_config=read_hf_config(assets), assets_dir=assets)
-        log.info("exported the final model to %s", out_dir)
+        export_hf_dir(param_tree(self.params), self.model_cfg, out_dir, dtype=self.cfg.checkpoint.export_dtype,
+                      source_config=read_hf_config(assets), assets_dir=assets)
+        if jax.process_index() == 0:
+            log.info("exported the final model to %s", out_dir)
 
     def close(self, last_metrics: dict) -> dict:
         step = self.step
