@@ -17,7 +17,6 @@ import math
 import os
 import sys
 import time
-from typing import Optional
 
 import numpy as np
 from tqdm import tqdm
@@ -47,7 +46,6 @@ class EvalConfig:
     mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
     grader_workers: int = 2  # processes grading answers with math-verify
     grader_timeout_s: float = 10.0  # seconds before a grading counts as wrong (a timeout, counted)
-    backend_options: Optional[dict] = None  # not read by any backend yet (kept so that existing configs load)
 
     def validate(self) -> None:
         """Every value in its allowed range (ConfigError naming each bad key), before any model loads."""
@@ -185,7 +183,7 @@ def evaluation_key(cfg: EvalConfig, dataset_path: str) -> dict:
         "dataset": _files_fingerprint(dataset_path),
         "decoding": {"n": cfg.n, "greedy": cfg.greedy, "seed": cfg.seed, "think": cfg.think,
                      "block_size": cfg.block_size, "questions_per_batch": cfg.questions_per_batch,
-                     "rollout": dataclasses.asdict(cfg.rollout), "backend_options": cfg.backend_options},
+                     "rollout": dataclasses.asdict(cfg.rollout)},
     }
     key["fingerprint"] = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return key

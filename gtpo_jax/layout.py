@@ -15,6 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
+from gtpo_jax.rounding import round_up
+
 
 @dataclasses.dataclass
 class NoisyCopy:
@@ -70,23 +72,11 @@ class PackedBatch:
         }
 
 
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
 def gtpo_row_len(block_size: int, max_new_tokens: int, prompt_len: int) -> int:
     """Worst-case packed row of one rollout: clean prompt + response, plus at most B noisy copies
     of B slots per response block (every block decoded one token per forward), a multiple of 128."""
     response_blocks = max_new_tokens // block_size + 2
-    return _round_up(prompt_len + max_new_tokens + response_blocks * block_size * block_size, 128)
-
-
-def block_view(sequence: np.ndarray, block: int, block_size: int, fill: int) -> np.ndarray:
-    """Slots of absolute block `block` of `sequence`, `fill` past its end."""
-    out = np.full(block_size, fill, np.int32)
-    chunk = sequence[block * block_size : (block + 1) * block_size]
-    out[: len(chunk)] = chunk
-    return out
+    return round_up(prompt_len + max_new_tokens + response_blocks * block_size * block_size, 128)
 
 
 def trajectory_layout(
@@ -174,7 +164,7 @@ def sft_layout(
     response = np.asarray(response, np.int32)
     p, b = len(prompt), block_size
     maskable_len = len(response) + post_num
-    end = _round_up(p + maskable_len, b)
+    end = round_up(p + maskable_len, b)
     seq = np.full(end, pad_id, np.int32)
     seq[:p] = prompt
     seq[p : p + len(response)] = response
@@ -215,7 +205,7 @@ def pack(
     steps see few distinct shapes."""
     longest = max(s.length for s in samples)
     if row_len is None:
-        row_len = _round_up(longest, row_multiple)
+        row_len = round_up(longest, row_multiple)
     if longest > row_len:
         raise ValueError(
             f"a sample needs {longest} tokens (clean sequence + noisy copies) but rows hold {row_len}; "
@@ -232,7 +222,7 @@ def pack(
         else:
             rows.append([i])
             fill.append(s.length)
-    n_rows = _round_up(len(rows), rows_multiple)
+    n_rows = round_up(len(rows), rows_multiple)
     shape = (n_rows, row_len)
     tokens = np.zeros(shape, np.int32)
     positions = np.zeros(shape, np.int32)
@@ -265,7 +255,7 @@ def pack(
                 t_round.extend([c.round] * len(slots))
                 offset += block_size
     n_t = len(t_index)
-    n_t_pad = _round_up(max(n_t, 1), targets_multiple)
+    n_t_pad = round_up(max(n_t, 1), targets_multiple)
 
     def padded(values, dtype):
         out = np.zeros(n_t_pad, dtype)

@@ -39,13 +39,6 @@ def target_logprobs(model: SDARModel, batch: dict, *, vocab_chunk: int = 256) ->
     return jax.lax.map(lambda xs: chunk_logprob(*xs), (h_chunks, t_chunks)).reshape(n)
 
 
-def sft_loss(logprobs: jax.Array, weights: jax.Array) -> jax.Array:
-    """Σ −w_t·l_t. With w_t = 1 / (targets of t's sample · samples with targets), this is the
-    mean over samples of each sample's mean NLL (docs/algorithm.md §4); weights are global so that
-    micro-batches add up to the full-batch loss."""
-    return -(weights * logprobs).sum()
-
-
 def gtpo_token_terms(
     logprobs: jax.Array,
     old_logprobs: jax.Array,

@@ -24,10 +24,14 @@ import math
 import os
 import sys
 
+from jax._src import xla_bridge
+
 from gtpo_jax.config import Config
 from gtpo_jax.layout import gtpo_row_len
 from gtpo_jax.model.config import ModelConfig
 from gtpo_jax.model.params import expected_hf_names, hf_shape
+from gtpo_jax.model.presets import HF_PRESETS
+from gtpo_jax.rounding import round_up
 
 GIB = 2**30
 ENGINE_RUNTIME_GIB = 3.0  # LMDeploy's CUDA context, torch workspace and CUDA graphs (a reserve, not measured)
@@ -130,7 +134,7 @@ def plan_memory(cfg: Config, model_cfg: ModelConfig, *, gpu_bytes: int, num_devi
     kv = max(int(r.cache_max_entry_count * engine_free), 0)
     kv_tokens = kv // kv_bytes_per_token(model_cfg, tp)
     block = cfg.block_size
-    rollout_tokens = -(-(PROMPT_TOKENS + r.max_new_tokens) // block) * block
+    rollout_tokens = round_up(PROMPT_TOKENS + r.max_new_tokens, block)
     during = "always" if g.sharing == "split" else "during rollouts and update"
     rows = [
         ("trainer parameters", params, during),
@@ -166,6 +170,14 @@ def plan_memory(cfg: Config, model_cfg: ModelConfig, *, gpu_bytes: int, num_devi
                       per_step, fixes)
 
 
+def _jax_backend_started() -> bool:
+    # JAX (0.10) has no public "has a backend started?" query: jax.devices() and jax.extend.backend
+    # would start one, which is what must not happen before the allocator variables are set. This is
+    # the one private call of the package; if a JAX release drops it, the check is skipped.
+    started = getattr(xla_bridge, "backends_are_initialized", None)
+    return bool(started and started())
+
+
 def set_jax_memory_env(cfg: Config, environ=os.environ) -> dict[str, str]:
     """Set JAX's GPU allocator variables for `gpu.sharing` (rollout.backend=lmdeploy only); they take
     effect only if JAX has not started a backend yet. Returns what was set; refuses a conflicting value."""
@@ -186,25 +198,35 @@ def set_jax_memory_env(cfg: Config, environ=os.environ) -> dict[str, str]:
         if not same(key, value):
             raise MemoryPlanError(f"{key}={environ[key]} is set in the environment but gpu.sharing={cfg.gpu.sharing} "
                                   f"needs {value}; unset it and use the gpu: section of the config")
-    from jax._src import xla_bridge
-
-    if xla_bridge.backends_are_initialized() and not all(k in environ and same(k, v) for k, v in want.items()):
+    if _jax_backend_started() and not all(k in environ and same(k, v) for k, v in want.items()):
         raise MemoryPlanError("JAX started before the GPU memory plan could set its allocator; call "
                               "set_jax_memory_env before the first JAX computation")
     environ.update(want)
     return want
 
 
-def model_config_for(cfg: Config, preset: str | None = None) -> ModelConfig:
-    """The architecture of `cfg.model` without loading weights: the HF directory's config.json, or a preset."""
+def planned_model_config(cfg: Config, preset: str | None = None, *, fallback: str | None = None,
+                         **runtime) -> tuple[ModelConfig, str]:
+    """The architecture of `cfg.model` without loading weights, and a line saying where it came from:
+    `preset` if given, else the config.json of `model.path` (an HF directory or a checkpoint's
+    hf_assets/), else `model.preset`. A `model.path` without config.json here (a cluster path) is
+    an error, or with `fallback` replaced by that preset. `runtime`: ModelConfig runtime fields."""
     path = cfg.model.path
+    name = preset or cfg.model.preset
     if path and preset is None:
         for candidate in (path, os.path.join(path, "hf_assets")):
             if os.path.isfile(os.path.join(candidate, "config.json")):
-                return ModelConfig.from_hf_dir(candidate)
-        raise FileNotFoundError(f"model.path {path} holds no config.json; pass --preset sdar_8b to plan without it")
-    overrides = dict(cfg.model.preset_overrides, block_size=cfg.block_size)
-    return getattr(ModelConfig, preset or cfg.model.preset)(**overrides)
+                return ModelConfig.from_hf_dir(candidate, **runtime), f"model: config.json of {candidate}"
+        if fallback is None:
+            raise FileNotFoundError(f"model.path {path} holds no config.json; pass --preset sdar_8b to plan without it")
+        if fallback in HF_PRESETS:
+            return (ModelConfig.from_hf_dict(HF_PRESETS[fallback], **runtime),
+                    f"model: {path} does not exist here; planning the shipped config.json of preset {fallback!r} "
+                    "(gtpo_jax/model/presets.py)")
+        name = fallback
+    overrides = {"block_size": cfg.block_size, **cfg.model.preset_overrides}
+    return (getattr(ModelConfig, name)(**overrides, **runtime),
+            f"model: preset {name!r} {cfg.model.preset_overrides or ''}".rstrip())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     gib = args.memory_gib or cfg.gpu.memory_gib
     if not gib:
         ap.error("give --memory-gib (or gpu.memory_gib): this command reads no device")
-    plan = plan_memory(cfg, model_config_for(cfg, args.preset), gpu_bytes=int(gib * GIB), num_devices=args.gpus)
+    plan = plan_memory(cfg, planned_model_config(cfg, args.preset)[0], gpu_bytes=int(gib * GIB), num_devices=args.gpus)
     print(plan.table())
     return 0 if plan.ok else 1
 

@@ -31,10 +31,11 @@ from gtpo_jax.config import Config
 from gtpo_jax.config_loader import load_config
 from gtpo_jax.layout import gtpo_row_len, pack, sft_layout, trajectory_layout
 from gtpo_jax.losses import target_logprobs
+from gtpo_jax.memory_plan import planned_model_config
 from gtpo_jax.model import ModelConfig, SDARModel
-from gtpo_jax.model.presets import HF_PRESETS
 from gtpo_jax.plan_costs import ACCELERATORS, count_matmuls, fsdp_comm_bytes, original_layout, visible_tile_fraction
 from gtpo_jax.plan_report import ROOFLINE_NOTE, ProgramPlan, gib, extrapolate, largest_arrays, report
+from gtpo_jax.rounding import round_up
 from gtpo_jax.sampling.sampler import BlockDiffusionSampler, SamplerConfig, _generate, _Static
 from gtpo_jax.sharding import BATCH_AXES, MeshConfig, build_mesh, optimizer_shardings, param_shardings
 from gtpo_jax.trainers.batching import _bucket
@@ -46,27 +47,6 @@ _DEVICE_FLAG = "--xla_force_host_platform_device_count"
 
 
 # ---- the model, abstractly ----------------------------------------------------------------
-def resolve_model_config(cfg: Config, fallback: str = "sdar_8b") -> tuple[ModelConfig, str]:
-    """The architecture to plan and a line saying where it came from. A `model.path` that does
-    not exist here (a cluster path) is replaced by the shipped preset `fallback`."""
-    runtime = runtime_model_options(cfg)
-    path = cfg.model.path
-    if path:
-        for candidate in (path, os.path.join(path, "hf_assets")):
-            if os.path.isfile(os.path.join(candidate, "config.json")):
-                return ModelConfig.from_hf_dir(candidate, **runtime), f"model: config.json of {candidate}"
-        if fallback in HF_PRESETS:
-            return (ModelConfig.from_hf_dict(HF_PRESETS[fallback], **runtime),
-                    f"model: {path} does not exist here; planning the shipped config.json of preset {fallback!r} "
-                    "(gtpo_jax/model/presets.py)")
-        name = fallback
-    else:
-        name = cfg.model.preset
-    overrides = {"block_size": cfg.block_size, **cfg.model.preset_overrides}
-    return (getattr(ModelConfig, name)(**overrides, **runtime),
-            f"model: preset {name!r} {cfg.model.preset_overrides or ''}".rstrip())
-
-
 def abstract_params(model_cfg: ModelConfig, mesh):
     """(graphdef, params as sharded ShapeDtypeStructs) — no parameter is ever allocated."""
     model = nnx.eval_shape(lambda: SDARModel(model_cfg, nnx.Rngs(0)))
@@ -104,10 +84,6 @@ class StepShape:
     clean_len: int = 0  # prompt + response tokens of one sample
 
 
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
 def sft_shape(cfg: Config, data_parallel: int, prompt_len: int) -> StepShape:
     """Every sample at data.max_len (prompt_len + response), one per row; targets as masked by a
     typical draw of the configured masking."""
@@ -122,7 +98,7 @@ def sft_shape(cfg: Config, data_parallel: int, prompt_len: int) -> StepShape:
     row_len = sft_row_len(cfg)
     packed = pack([lay], block_size=b, row_len=row_len)
     frac = visible_tile_fraction(packed, cfg.model.attn_q_tile, cfg.model.attn_kv_tile)
-    return StepShape(cfg.train.micro_batches, _round_up(samples, data_parallel), row_len,
+    return StepShape(cfg.train.micro_batches, round_up(samples, data_parallel), row_len,
                      _bucket(samples * lay.num_targets, cfg.train.vocab_chunk), frac,
                      f"{samples} samples/micro-batch of {cfg.data.max_len} tokens (prompt {prompt_len}), "
                      f"one per row, {m.num_noisy_copies} noisy copy", cfg.data.max_len)
@@ -142,7 +118,7 @@ def gtpo_shape(cfg: Config, data_parallel: int, prompt_len: int) -> StepShape:
     row_len = gtpo_row_len(cfg.block_size, cfg.rollout.max_new_tokens, prompt_len)
     frac = visible_tile_fraction(pack([lay], block_size=b, row_len=row_len),
                                  cfg.model.attn_q_tile, cfg.model.attn_kv_tile)
-    return StepShape(micro, _round_up(per_micro, data_parallel), row_len,
+    return StepShape(micro, round_up(per_micro, data_parallel), row_len,
                      _bucket(per_micro * lay.num_targets, cfg.train.vocab_chunk), frac,
                      f"{per_micro} responses/micro-batch of {new} tokens (prompt {prompt_len}), one per row, "
                      "one token per forward (worst case)", prompt_len + new)
@@ -318,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     _ensure_fake_devices(n, argv)
-    model_cfg, source = resolve_model_config(cfg, args.preset)
+    model_cfg, source = planned_model_config(cfg, fallback=args.preset, **runtime_model_options(cfg))
     mesh = build_mesh(MeshConfig(**dataclasses.asdict(cfg.mesh)), devices=jax.devices()[:n])
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     print(source)

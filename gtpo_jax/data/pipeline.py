@@ -51,7 +51,6 @@ class SFTData:
         shard_count: int = 1,
     ):
         records: list[SFTRecord] = [r for f in files for r in read_sft_records(f)]
-        self.num_records = len(records)
         self.tokenizer, self.max_len = tokenizer, max_len
         self.over_length, self.prompt_too_long = over_length, prompt_too_long
         ds = grain.MapDataset.source(records)[shard_index::shard_count]

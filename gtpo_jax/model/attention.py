@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from gtpo_jax.model import attention_pallas
+from gtpo_jax.rounding import round_up
 
 IMPLEMENTATIONS = ("jax", "pallas", "pallas_interpret")
 
@@ -68,10 +69,6 @@ def visibility(q: TokenLayout, kv: TokenLayout) -> jax.Array:
     earlier_clean = (kc == 0) & (kb < qb)
     same_copy = (kc == qc) & (kb == qb)
     return (qs == ks) & (ks > 0) & (earlier_clean | same_copy)
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
 
 
 def _scores(q, k, q_ids, k_ids, scale):
@@ -233,9 +230,9 @@ def block_causal_attention(
         return attention_pallas.pallas_block_causal_attention(
             q, k, v, q_layout, kv_layout, interpret=implementation == "pallas_interpret")
     g = hq // hkv
-    q_tile = min(q_tile, _round_up(lq, 8))
-    kv_tile = min(kv_tile, _round_up(lk, 8))
-    lq_pad, lk_pad = _round_up(lq, q_tile), _round_up(lk, kv_tile)
+    q_tile = min(q_tile, round_up(lq, 8))
+    kv_tile = min(kv_tile, round_up(lk, 8))
+    lq_pad, lk_pad = round_up(lq, q_tile), round_up(lk, kv_tile)
 
     def tile(x, length, t):
         x = jnp.pad(x, [(0, 0), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2))

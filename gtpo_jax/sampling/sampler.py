@@ -35,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gtpo_jax.model import KVContext, LayerKV, SDARModel, TokenLayout
 from gtpo_jax.rollout.base import Rollout
+from gtpo_jax.rounding import round_up
 from gtpo_jax.sharding import BATCH_AXES, to_host
 
 log = logging.getLogger("gtpo_jax")
@@ -103,10 +104,6 @@ class _Static(NamedTuple):
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
 
 
 def filter_scores(scores: jax.Array, top_k: int, top_p: jax.Array | None) -> jax.Array:
@@ -305,10 +302,10 @@ class BlockDiffusionSampler:
         """(prompt bucket, cache length): powers of two, then multiples of the attention tile, so
         that few shapes compile; cache length + 2B is a whole number of key tiles."""
         c, B = self.config, self.config.block_size
-        pb = _next_pow2(max(max_prompt, 8)) if max_prompt <= 256 else _round_up(max_prompt, 256)
-        need = pb + _round_up(c.max_new_tokens, B) + B + 2 * B
+        pb = _next_pow2(max(max_prompt, 8)) if max_prompt <= 256 else round_up(max_prompt, 256)
+        need = pb + round_up(c.max_new_tokens, B) + B + 2 * B
         tile = self.model.cfg.attn_kv_tile
-        total = _next_pow2(need) if need <= tile else _round_up(need, tile)
+        total = _next_pow2(need) if need <= tile else round_up(need, tile)
         return pb, total - 2 * B
 
     def cache_bytes_per_sequence(self, cache_len: int) -> int:
@@ -353,7 +350,7 @@ class BlockDiffusionSampler:
         c, B = self.config, self.config.block_size
         n = len(prompts)
         pb, cache_len = self._buckets(max(len(p) for p in prompts))
-        batch = _round_up(_next_pow2(n), self._data_parallel)
+        batch = round_up(_next_pow2(n), self._data_parallel)
         prompt = np.full((batch, pb), c.mask_id, np.int32)
         plen = np.ones(batch, np.int32)
         for i, p in enumerate(prompts):
@@ -384,7 +381,7 @@ class BlockDiffusionSampler:
             p, cut = int(plen[i]), int(out["stop_cut"][i])
             reason = "stop" if cut else "length"
             cut = cut or int(limit[i])
-            tail_end = _round_up(cut, B)  # the block that holds the cut was decoded whole
+            tail_end = round_up(cut, B)  # the block that holds the cut was decoded whole
             result.tokens.append(out["tokens"][i, p:cut].astype(np.int32))
             result.step_maps.append(out["steps"][i, p:cut].astype(np.int32))
             result.logprobs.append(out["logp"][i, p:cut].astype(np.float32))

@@ -8,6 +8,7 @@ import chex
 import numpy as np
 
 from gtpo_jax.layout import PackedBatch, SampleLayout, pack
+from gtpo_jax.rounding import round_up
 
 
 def _bucket(n: int, minimum: int) -> int:
@@ -45,7 +46,7 @@ def stack_micro_batches(
     # Rows to a power of two too: a GTPO step's row count follows how many groups DAPO kept, and
     # every new count would otherwise recompile the update step.
     rows = _bucket(max(min_rows, max(p.tokens.shape[0] for p in packed)), 1)
-    rows = -(-rows // rows_multiple) * rows_multiple
+    rows = round_up(rows, rows_multiple)
     targets = _bucket(max(int(p.target_valid.sum()) for p in packed), vocab_chunk)
     stacked: dict[str, list[np.ndarray]] = {}
     for g, p in enumerate(packed):

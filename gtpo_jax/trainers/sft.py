@@ -14,12 +14,17 @@ import numpy as np
 from gtpo_jax.config import Config
 from gtpo_jax.layout import SampleLayout, sft_layout
 from gtpo_jax.losses import target_logprobs
+from gtpo_jax.rounding import round_up
 from gtpo_jax.trainers.batching import per_sample_mean_weights, split_evenly, stack_micro_batches
 
 log = logging.getLogger("gtpo_jax")
 
 
 def sft_loss_fn(vocab_chunk: int):
+    """Σ −w_t·l_t over valid targets. With w_t = 1 / (targets of t's sample · samples with targets)
+    this is the mean over samples of each sample's mean NLL (docs/algorithm.md §4); the weights are
+    global so that micro-batches add up to the full-batch loss."""
+
     def loss_fn(model, mb):
         logprobs = target_logprobs(model, mb, vocab_chunk=vocab_chunk)
         valid = mb["target_valid"]
@@ -65,7 +70,7 @@ def sft_row_len(cfg: Config) -> int:
         return cfg.train.row_len
     b, m = cfg.block_size, cfg.masking
     copies = m.num_noisy_copies * (cfg.data.max_len + m.post_num + 2 * b)
-    return -(-(cfg.data.max_len + copies) // 128) * 128
+    return round_up(cfg.data.max_len + copies, 128)
 
 
 def build_sft_batch(layouts: list[SampleLayout], cfg: Config, rows_multiple: int = 1) -> tuple[dict, dict]:
