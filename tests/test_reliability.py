@@ -179,7 +179,7 @@ def _flip_byte(path, offset=-100) -> None:
 @pytest.mark.parametrize("damage", ["flipped byte", "truncated file"])
 def test_damaged_latest_step_is_set_aside_and_the_previous_one_used(tmp_path, caplog, damage):
     from gtpo_jax.checkpoint import Checkpointer
-    from gtpo_jax.checkpoint_integrity import CheckpointCorruptError
+    from gtpo_jax.checkpoint import CheckpointCorruptError
 
     root = tmp_path / "ckpt"
     params = _two_step_checkpoint(root)
@@ -204,7 +204,7 @@ def test_damaged_latest_step_is_set_aside_and_the_previous_one_used(tmp_path, ca
 
 
 def test_background_saves_are_checksummed(tmp_path):
-    from gtpo_jax.checkpoint_integrity import MANIFEST, verify_step
+    from gtpo_jax.checkpoint import MANIFEST, verify_step
 
     _two_step_checkpoint(tmp_path, async_save=True)
     assert all(verify_step(str(tmp_path / str(step))) for step in (1, 2))
@@ -422,7 +422,7 @@ def test_lmdeploy_gets_trust_remote_code_only_when_set(monkeypatch):
 
 # ---- 9. after a crash: the checkpoint in flight is kept, metrics.jsonl holds each step once -------------
 def test_crash_keeps_the_checkpoint_in_flight_and_resume_logs_each_step_once(tmp_path, monkeypatch):
-    from gtpo_jax.checkpoint_integrity import verify_step
+    from gtpo_jax.checkpoint import verify_step
     from gtpo_jax.trainers import session as session_module
     from gtpo_jax.trainers.sft import run_sft
 

@@ -10,18 +10,13 @@ existed, or killed between Orbax's commit and the checksum) can only be restored
 from __future__ import annotations
 
 import json
-import logging
 import os
-import time
 import zlib
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 
-import jax
-
-log = logging.getLogger(__name__)
+from gtpo_jax.checkpoint.steps import is_complete
 
 MANIFEST = "gtpo_checksums.json"
-DAMAGED = "damaged"
 _CHUNK = 16 << 20
 
 
@@ -89,71 +84,42 @@ def verify_step(step_dir: str) -> bool:
     return True
 
 
-class VerifiedSteps:
-    """Checksums for `Checkpointer` (which provides directory, read_only, all_steps, _resolve_step,
-    _is_complete, _manager and the _unsealed/_sealing/_sealer/_verified state)."""
+class ChecksumWriter:
+    """Writes the manifest of each committed step on a background thread (process 0 only; the
+    others just track nothing), so that a save returns as soon as orbax has the arrays."""
 
-    _sealing: list[Future]
+    def __init__(self, root: str, enabled: bool):
+        self.root = root
+        self._saved: list[int] = []  # saves started, manifest not yet scheduled
+        self._writing: list[Future] = []
+        self._pool = ThreadPoolExecutor(1, "checksums") if enabled else None
 
-    def usable_step(self, step: int | None = None) -> int:
-        """`step` after checking its checksums (CheckpointCorruptError if damaged); with None the
-        newest step that passes, damaged newer ones set aside (read-only: skipped) with a warning."""
-        if step is not None:
-            step = self._resolve_step(step)
-            self._check_integrity(step)
-            return step
-        for candidate in reversed(self.all_steps()):
+    def saved(self, step: int) -> None:
+        self._saved.append(step)
+
+    def poll(self, saving: bool) -> None:
+        """Schedule the manifests of the saves that have finished (`saving`: orbax is still
+        writing one) and raise the error of a manifest that could not be written (e.g. disk full)."""
+        if self._saved and not saving:
+            if self._pool is not None:
+                self._writing.extend(self._pool.submit(self._write, step) for step in self._saved)
+            self._saved = []
+        for future in [f for f in self._writing if f.done()]:
+            self._writing.remove(future)
+            future.result()
+
+    def wait(self) -> None:
+        for future in self._writing:
+            future.result()
+        self._writing = []
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def _write(self, step: int) -> None:
+        if is_complete(self.root, step):  # orbax's keep-K may have deleted it meanwhile
             try:
-                self._check_integrity(candidate)
-                return candidate
-            except CheckpointCorruptError as e:
-                self._set_aside_damaged(candidate, e)
-        raise FileNotFoundError(f"{self.directory} holds no complete, undamaged checkpoint")
-
-    def _check_integrity(self, step: int) -> None:
-        if step in self._verified:
-            return
-        if not verify_step(os.path.join(self.directory, str(step))):
-            log.info("checkpoint step %d in %s has no checksums (written before they existed, or killed right "
-                     "after the save); restoring it unverified", step, self.directory)
-        self._verified.add(step)
-
-    def _set_aside_damaged(self, step: int, error: CheckpointCorruptError) -> None:
-        if self.read_only or jax.process_index() != 0:
-            log.warning("%s; skipping step %d, trying the previous one", error, step)
-        else:
-            dest = os.path.join(self.directory, DAMAGED, f"{step}-{int(time.time())}")
-            log.warning("%s; moved step %d to %s (delete it once you no longer need it) and using the previous "
-                        "step", error, step, dest)
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            os.rename(os.path.join(self.directory, str(step)), dest)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices(f"gtpo_jax.checkpoint: damaged step {step} set aside")
-        if not self.read_only:
-            self._manager.reload()
-
-    def poll(self) -> None:
-        """Raise the error of a failed background save now; checksum the saves that have finished."""
-        self._manager.check_for_errors()
-        if self._unsealed and not self._manager.is_saving_in_progress():
-            self._seal(self._unsealed)
-            self._unsealed = []
-        for future in [f for f in self._sealing if f.done()]:
-            self._sealing.remove(future)
-            future.result()  # a checksum that could not be written (e.g. disk full) is an error too
-
-    def _seal(self, steps: list[int]) -> None:
-        if self._sealer is None:
-            return
-        for step in steps:
-            self._sealing.append(self._sealer.submit(self._write_manifest, step))
-
-    def _write_manifest(self, step: int) -> None:
-        step_dir = os.path.join(self.directory, str(step))
-        if self._is_complete(step):  # orbax's keep-K may have deleted it meanwhile
-            try:
-                write_manifest(step_dir)
+                write_manifest(os.path.join(self.root, str(step)))
             except FileNotFoundError:
                 pass  # deleted while being read
