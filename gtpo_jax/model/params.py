@@ -3,12 +3,13 @@
 HF stores projections as [out, in]; we store them input-major with heads split out
 (q: [hidden, heads, head_dim], o: [heads, head_dim, hidden]) so that sharding rules can name
 each dimension. Both directions are exact reshapes/transposes: a round trip is bit-exact.
+The rules are data (PER_LAYER_RULES, GLOBAL_RULES, _LAYOUTS), read by both directions.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -16,61 +17,91 @@ from gtpo_jax.model.config import ModelConfig
 
 Path = tuple[str, ...]
 
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_PER_LAYER = {
-    "input_layernorm.weight": ("input_layernorm", "weight"),
-    "post_attention_layernorm.weight": ("post_attention_layernorm", "weight"),
-    "self_attn.q_proj.weight": ("self_attn", "q_proj"),
-    "self_attn.k_proj.weight": ("self_attn", "k_proj"),
-    "self_attn.v_proj.weight": ("self_attn", "v_proj"),
-    "self_attn.o_proj.weight": ("self_attn", "o_proj"),
-    "self_attn.q_norm.weight": ("self_attn", "q_norm", "weight"),
-    "self_attn.k_norm.weight": ("self_attn", "k_norm", "weight"),
-    "mlp.gate_proj.weight": ("mlp", "gate_proj"),
-    "mlp.up_proj.weight": ("mlp", "up_proj"),
-    "mlp.down_proj.weight": ("mlp", "down_proj"),
-}
-_GLOBAL = {
-    "model.embed_tokens.weight": ("embed_tokens",),
-    "model.norm.weight": ("norm", "weight"),
-    "lm_head.weight": ("lm_head",),
-}
-_PATH_TO_LAYER_NAME = {v: k for k, v in _PER_LAYER.items()}
-_PATH_TO_GLOBAL_NAME = {v: k for k, v in _GLOBAL.items()}
-
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint tensor that does not fit the configured architecture."""
 
 
+class Rule(NamedTuple):
+    """One tensor: its HF name (after `model.layers.<i>.` for per-layer ones), its NNX path (after
+    `layers/<i>/`), its HF shape in the dimension names of `_dims`, and how NNX lays it out."""
+
+    hf_name: str
+    nnx_path: Path
+    hf_shape: tuple[str, ...]
+    layout: str  # a key of _LAYOUTS
+
+
+PER_LAYER_RULES = (
+    Rule("input_layernorm.weight", ("input_layernorm", "weight"), ("hidden",), "as_is"),
+    Rule("post_attention_layernorm.weight", ("post_attention_layernorm", "weight"), ("hidden",), "as_is"),
+    Rule("self_attn.q_proj.weight", ("self_attn", "q_proj"), ("q_heads*head_dim", "hidden"), "heads_out"),
+    Rule("self_attn.k_proj.weight", ("self_attn", "k_proj"), ("kv_heads*head_dim", "hidden"), "heads_out"),
+    Rule("self_attn.v_proj.weight", ("self_attn", "v_proj"), ("kv_heads*head_dim", "hidden"), "heads_out"),
+    Rule("self_attn.o_proj.weight", ("self_attn", "o_proj"), ("hidden", "q_heads*head_dim"), "heads_in"),
+    Rule("self_attn.q_norm.weight", ("self_attn", "q_norm", "weight"), ("head_dim",), "as_is"),
+    Rule("self_attn.k_norm.weight", ("self_attn", "k_norm", "weight"), ("head_dim",), "as_is"),
+    Rule("mlp.gate_proj.weight", ("mlp", "gate_proj"), ("intermediate", "hidden"), "transposed"),
+    Rule("mlp.up_proj.weight", ("mlp", "up_proj"), ("intermediate", "hidden"), "transposed"),
+    Rule("mlp.down_proj.weight", ("mlp", "down_proj"), ("hidden", "intermediate"), "transposed"),
+)
+GLOBAL_RULES = (
+    Rule("model.embed_tokens.weight", ("embed_tokens",), ("vocab", "hidden"), "as_is"),
+    Rule("model.norm.weight", ("norm", "weight"), ("hidden",), "as_is"),
+    Rule("lm_head.weight", ("lm_head",), ("vocab", "hidden"), "transposed"),  # absent with tied embeddings
+)
+
+# layout -> (HF [out, in] -> NNX, NNX -> HF). HF stores projections as [out, in]; NNX input-major,
+# with the heads split out where the projection has them.
+_LAYOUTS: dict[str, tuple[Callable, Callable]] = {
+    "as_is": (lambda t, cfg: t, lambda a, cfg: a),
+    "transposed": (lambda t, cfg: t.T, lambda a, cfg: a.T),
+    # q/k/v: [heads·d, hidden] -> [hidden, heads, d]
+    "heads_out": (lambda t, cfg: t.T.reshape(cfg.hidden_size, -1, cfg.head_dim),
+                  lambda a, cfg: a.reshape(cfg.hidden_size, -1).T),
+    # o: [hidden, heads·d] -> [heads, d, hidden]
+    "heads_in": (lambda t, cfg: t.T.reshape(-1, cfg.head_dim, cfg.hidden_size),
+                 lambda a, cfg: a.reshape(-1, cfg.hidden_size).T),
+}
+
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_LAYER_BY_HF = {r.hf_name: r for r in PER_LAYER_RULES}
+_GLOBAL_BY_HF = {r.hf_name: r for r in GLOBAL_RULES}
+_LAYER_BY_PATH = {r.nnx_path: r for r in PER_LAYER_RULES}
+_GLOBAL_BY_PATH = {r.nnx_path: r for r in GLOBAL_RULES}
+
+
+def _dims(cfg: ModelConfig) -> dict[str, int]:
+    return {
+        "hidden": cfg.hidden_size, "intermediate": cfg.intermediate_size, "vocab": cfg.vocab_size,
+        "head_dim": cfg.head_dim, "q_heads*head_dim": cfg.num_heads * cfg.head_dim,
+        "kv_heads*head_dim": cfg.num_kv_heads * cfg.head_dim,
+    }
+
+
+def _rule_of(name: str, cfg: ModelConfig) -> tuple[Rule, Path]:
+    """The rule of HF tensor `name` and the NNX path it goes to."""
+    m = _LAYER_RE.match(name)
+    if m is None:
+        if name not in _GLOBAL_BY_HF:
+            raise CheckpointMismatchError(f"unexpected tensor {name!r}: not part of an SDAR/Qwen3 decoder")
+        return _GLOBAL_BY_HF[name], _GLOBAL_BY_HF[name].nnx_path
+    layer, suffix = m.groups()
+    if suffix not in _LAYER_BY_HF or int(layer) >= cfg.num_layers:
+        raise CheckpointMismatchError(f"unexpected tensor {name!r} for a {cfg.num_layers}-layer SDAR/Qwen3 model")
+    return _LAYER_BY_HF[suffix], ("layers", layer) + _LAYER_BY_HF[suffix].nnx_path
+
+
 def hf_shape(name: str, cfg: ModelConfig) -> tuple[int, ...]:
     """The shape `name` must have in an HF checkpoint of this architecture."""
-    h, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    qd, kvd, d = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.head_dim
-    shapes = {
-        "input_layernorm.weight": (h,),
-        "post_attention_layernorm.weight": (h,),
-        "self_attn.q_proj.weight": (qd, h),
-        "self_attn.k_proj.weight": (kvd, h),
-        "self_attn.v_proj.weight": (kvd, h),
-        "self_attn.o_proj.weight": (h, qd),
-        "self_attn.q_norm.weight": (d,),
-        "self_attn.k_norm.weight": (d,),
-        "mlp.gate_proj.weight": (f, h),
-        "mlp.up_proj.weight": (f, h),
-        "mlp.down_proj.weight": (h, f),
-        "model.embed_tokens.weight": (v, h),
-        "model.norm.weight": (h,),
-        "lm_head.weight": (v, h),
-    }
-    m = _LAYER_RE.match(name)
-    return shapes[m.group(2) if m else name]
+    dims = _dims(cfg)
+    return tuple(dims[d] for d in _rule_of(name, cfg)[0].hf_shape)
 
 
 def expected_hf_names(cfg: ModelConfig) -> list[str]:
     names = ["model.embed_tokens.weight"]
     for i in range(cfg.num_layers):
-        names += [f"model.layers.{i}.{suffix}" for suffix in _PER_LAYER]
+        names += [f"model.layers.{i}.{rule.hf_name}" for rule in PER_LAYER_RULES]
     names.append("model.norm.weight")
     if not cfg.tie_word_embeddings:
         names.append("lm_head.weight")
@@ -79,50 +110,28 @@ def expected_hf_names(cfg: ModelConfig) -> list[str]:
 
 def hf_to_nnx(name: str, tensor: np.ndarray, cfg: ModelConfig) -> tuple[Path, np.ndarray]:
     """One HF tensor -> (NNX state path, array in our layout). Raises on unknown names/shapes."""
-    m = _LAYER_RE.match(name)
-    if m:
-        layer, suffix = int(m.group(1)), m.group(2)
-        if suffix not in _PER_LAYER or layer >= cfg.num_layers:
-            raise CheckpointMismatchError(f"unexpected tensor {name!r} for a {cfg.num_layers}-layer SDAR/Qwen3 model")
-        path = ("layers", str(layer)) + _PER_LAYER[suffix]
-    elif name in _GLOBAL:
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
-            raise CheckpointMismatchError("checkpoint has lm_head.weight but config.json says tie_word_embeddings=true")
-        path = _GLOBAL[name]
-    else:
-        raise CheckpointMismatchError(f"unexpected tensor {name!r}: not part of an SDAR/Qwen3 decoder")
+    rule, path = _rule_of(name, cfg)
+    if name == "lm_head.weight" and cfg.tie_word_embeddings:
+        raise CheckpointMismatchError("checkpoint has lm_head.weight but config.json says tie_word_embeddings=true")
     want = hf_shape(name, cfg)
     if tuple(tensor.shape) != want:
         raise CheckpointMismatchError(
             f"tensor {name!r} has shape {tuple(tensor.shape)} but config.json implies {want}; "
             "the weights and config.json do not belong together"
         )
-    h, d = cfg.hidden_size, cfg.head_dim
-    leaf = path[-1]
-    if leaf in ("q_proj", "k_proj", "v_proj"):
-        tensor = tensor.T.reshape(h, -1, d)
-    elif leaf == "o_proj":
-        tensor = tensor.T.reshape(-1, d, h)
-    elif leaf in ("gate_proj", "up_proj", "down_proj", "lm_head"):
-        tensor = tensor.T
-    return path, np.ascontiguousarray(tensor)
+    return path, np.ascontiguousarray(_LAYOUTS[rule.layout][0](tensor, cfg))
 
 
 def nnx_to_hf(path: Path, array: np.ndarray, cfg: ModelConfig) -> tuple[str, np.ndarray]:
     """Inverse of `hf_to_nnx`. Raises KeyError for a path with no HF counterpart."""
     path = tuple(str(p) for p in path)
     if path[0] == "layers":
-        name = f"model.layers.{path[1]}.{_PATH_TO_LAYER_NAME[path[2:]]}"
+        rule = _LAYER_BY_PATH[path[2:]]
+        name = f"model.layers.{path[1]}.{rule.hf_name}"
     else:
-        name = _PATH_TO_GLOBAL_NAME[path]
-    leaf = path[-1]
-    if leaf in ("q_proj", "k_proj", "v_proj"):
-        array = array.reshape(cfg.hidden_size, -1).T
-    elif leaf == "o_proj":
-        array = array.reshape(-1, cfg.hidden_size).T
-    elif leaf in ("gate_proj", "up_proj", "down_proj", "lm_head"):
-        array = array.T
-    return name, np.ascontiguousarray(array)
+        rule = _GLOBAL_BY_PATH[path]
+        name = rule.hf_name
+    return name, np.ascontiguousarray(_LAYOUTS[rule.layout][1](array, cfg))
 
 
 def iter_nested(tree: dict, prefix: Path = ()) -> Iterator[tuple[Path, object]]:
