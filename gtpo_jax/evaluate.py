@@ -161,14 +161,14 @@ def _files_fingerprint(path: str | None) -> list | None:
     if not path:
         return None
     if os.path.isfile(path):
-        st = os.stat(path)
-        return [[os.path.basename(path), st.st_size, st.st_mtime_ns]]
+        stat = os.stat(path)
+        return [[os.path.basename(path), stat.st_size, stat.st_mtime_ns]]
     entries = []
     for root, dirs, files in os.walk(path):
         dirs.sort()
         for f in sorted(files):
-            st = os.stat(os.path.join(root, f))
-            entries.append([os.path.relpath(os.path.join(root, f), path), st.st_size, st.st_mtime_ns])
+            stat = os.stat(os.path.join(root, f))
+            entries.append([os.path.relpath(os.path.join(root, f), path), stat.st_size, stat.st_mtime_ns])
     return entries
 
 

@@ -46,10 +46,10 @@ class ProcessSplitRollout(RolloutBackend):
         self.backend = backend
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int, *, seed: int) -> list[list[Rollout]]:
-        me, count = jax.process_index(), jax.process_count()
-        mine = share(len(prompts), me, count)
+        process, count = jax.process_index(), jax.process_count()
+        mine = share(len(prompts), process, count)
         # A seed per process: the shares are different requests, and must not repeat one stream.
-        local = self.backend.generate([prompts[i] for i in mine], n, seed=seed * count + me) if len(mine) else []
+        local = self.backend.generate([prompts[i] for i in mine], n, seed=seed * count + process) if len(mine) else []
         # pickle: the rollouts of our own processes of one job (numpy arrays, text), never foreign data
         parts = [pickle.loads(b) for b in allgather_bytes(pickle.dumps(local, protocol=pickle.HIGHEST_PROTOCOL))]
         groups = [group for part in parts for group in part]

@@ -202,11 +202,11 @@ class TrainingSession:
     def restore_or_init(self, data_state_setter=None) -> int:
         """Resume when asked to, from checkpoint.step or else the newest undamaged checkpoint;
         returns the first step to run. metrics.jsonl is cut back to the resumed step."""
-        ck = self.cfg.checkpoint
-        if not ck.resume or (ck.step is None and self.checkpointer.latest_step() is None):
+        checkpoint_cfg = self.cfg.checkpoint
+        if not checkpoint_cfg.resume or (checkpoint_cfg.step is None and self.checkpointer.latest_step() is None):
             self.metrics.drop_after(0)
             return 0
-        latest = self.checkpointer.usable_step(ck.step)
+        latest = self.checkpointer.usable_step(checkpoint_cfg.step)
         restored = self.checkpointer.restore(latest, params_target=self.params, opt_state_target=self.opt_state)
         self.params, self.opt_state = restored["params"], restored["opt_state"]
         meta = restored.get("meta") or {}
