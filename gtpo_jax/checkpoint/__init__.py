@@ -20,7 +20,12 @@ hf_assets, load (`load_model`).
 from gtpo_jax.checkpoint.integrity import MANIFEST, CheckpointCorruptError, verify_step
 from gtpo_jax.checkpoint.load import load_model
 from gtpo_jax.checkpoint.manager import Checkpointer
-from gtpo_jax.checkpoint.steps import HF_ASSETS, classify_model_dir, is_checkpoint_root, locate_checkpoint
+from gtpo_jax.checkpoint.steps import (
+    HF_ASSETS,
+    classify_model_dir,
+    is_checkpoint_root,
+    locate_checkpoint,
+)
 from gtpo_jax.checkpoint.trees import param_tree
 
 __all__ = [

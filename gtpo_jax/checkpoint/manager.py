@@ -13,7 +13,11 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from gtpo_jax.checkpoint.hf_assets import write_hf_assets
-from gtpo_jax.checkpoint.integrity import ChecksumWriter, CheckpointCorruptError, verify_step
+from gtpo_jax.checkpoint.integrity import (
+    CheckpointCorruptError,
+    ChecksumWriter,
+    verify_step,
+)
 from gtpo_jax.checkpoint.steps import (
     DAMAGED,
     HF_ASSETS,
@@ -23,7 +27,13 @@ from gtpo_jax.checkpoint.steps import (
     set_aside_interrupted_saves,
     sync_processes,
 )
-from gtpo_jax.checkpoint.trees import abstract_tree, check_json, checked_params_target, param_tree, stored_arrays
+from gtpo_jax.checkpoint.trees import (
+    abstract_tree,
+    check_json,
+    checked_params_target,
+    param_tree,
+    stored_arrays,
+)
 from gtpo_jax.hf_io import read_hf_config
 from gtpo_jax.model.params import CheckpointMismatchError
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import time
 
 import jax
 import numpy as np
@@ -22,9 +21,20 @@ from gtpo_jax.logs import setup_logging
 from gtpo_jax.metrics import MetricsWriter, WandbWriter, format_line, import_wandb
 from gtpo_jax.model.config import read_json_file
 from gtpo_jax.run_lock import OutputDirLock
-from gtpo_jax.sharding import (MeshConfig, build_mesh, optimizer_shardings, replicate_unsharded, shard_micro_batches,
-                               shard_model)
-from gtpo_jax.trainers.common import BadStepGuard, build_model, make_optimizer, make_update_step
+from gtpo_jax.sharding import (
+    MeshConfig,
+    build_mesh,
+    optimizer_shardings,
+    replicate_unsharded,
+    shard_micro_batches,
+    shard_model,
+)
+from gtpo_jax.trainers.common import (
+    BadStepGuard,
+    build_model,
+    make_optimizer,
+    make_update_step,
+)
 
 log = logging.getLogger("gtpo_jax")
 # Keys that may change between a run and its resumption: how long it runs, how it is saved, evaluated, laid
@@ -63,7 +73,11 @@ class TrainingSession:
 
     def _open(self, make_data) -> None:
         from gtpo_jax.checkpoint import Checkpointer
-        from gtpo_jax.data.tokenizer import load_tokenizer, mask_token_id, stop_token_ids
+        from gtpo_jax.data.tokenizer import (
+            load_tokenizer,
+            mask_token_id,
+            stop_token_ids,
+        )
 
         cfg = self.cfg
         self._check_against_stored_config()
@@ -229,7 +243,6 @@ class TrainingSession:
         # The bar only on a terminal (disable=None): in a log file its redraws would bury the lines.
         self._bar = tqdm(range(start, total), initial=start, total=total, desc=self.cfg.stage, dynamic_ncols=True,
                          disable=None if jax.process_index() == 0 else True)
-        self._t_start = time.time()
         for index in self._bar:
             yield index + 1  # steps are numbered from 1; checkpoint N holds the state after step N
 
