@@ -33,8 +33,8 @@ from gtpo_jax.model.config import DTYPES, read_json_file
 from gtpo_jax.model.params import (
     CheckpointMismatchError,
     Path,
+    check_hf_shape,
     expected_hf_names,
-    hf_shape,
     hf_to_nnx,
     iter_nested,
     nnx_to_hf,
@@ -262,12 +262,7 @@ def _to_hf_tensor(
             f"parameter {'.'.join(map(str, path))} ({name!r}) does not belong to this model "
             f"({cfg.num_layers} layers, tie_word_embeddings={cfg.tie_word_embeddings})"
         )
-    want = hf_shape(name, cfg)
-    if tuple(tensor.shape) != want:
-        raise CheckpointMismatchError(
-            f"tensor {name!r} has shape {tuple(tensor.shape)} but the model config implies {want}; "
-            "the parameters and the config do not belong together"
-        )
+    check_hf_shape(name, tensor.shape, cfg, config="the model config", weights="the parameters")
     return name, tensor
 
 

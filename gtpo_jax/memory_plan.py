@@ -171,9 +171,10 @@ def plan_memory(cfg: Config, model_cfg: ModelConfig, *, gpu_bytes: int, num_devi
 
 
 def _jax_backend_started() -> bool:
-    # JAX (0.10) has no public "has a backend started?" query: jax.devices() and jax.extend.backend
-    # would start one, which is what must not happen before the allocator variables are set. This is
-    # the one private call of the package; if a JAX release drops it, the check is skipped.
+    # JAX (0.10) has no public "has a backend started?" query (jax-ml/jax#23320 asks for one):
+    # jax.devices() and jax.extend.backend would start one, which is what must not happen before the
+    # allocator variables are set. This is the one private call of the package; if a JAX release
+    # drops it, the check is skipped.
     started = getattr(xla_bridge, "backends_are_initialized", None)
     return bool(started and started())
 

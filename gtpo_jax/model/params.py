@@ -98,6 +98,15 @@ def hf_shape(name: str, cfg: ModelConfig) -> tuple[int, ...]:
     return tuple(dims[d] for d in _rule_of(name, cfg)[0].hf_shape)
 
 
+def check_hf_shape(name: str, shape: tuple[int, ...], cfg: ModelConfig, *, config: str = "config.json",
+                   weights: str = "the weights") -> None:
+    """CheckpointMismatchError unless HF tensor `name` has the shape `cfg` implies."""
+    want = hf_shape(name, cfg)
+    if tuple(shape) != want:
+        raise CheckpointMismatchError(f"tensor {name!r} has shape {tuple(shape)} but {config} implies {want}; "
+                                      f"{weights} and {config} do not belong together")
+
+
 def expected_hf_names(cfg: ModelConfig) -> list[str]:
     names = ["model.embed_tokens.weight"]
     for i in range(cfg.num_layers):
@@ -113,12 +122,7 @@ def hf_to_nnx(name: str, tensor: np.ndarray, cfg: ModelConfig) -> tuple[Path, np
     rule, path = _rule_of(name, cfg)
     if name == "lm_head.weight" and cfg.tie_word_embeddings:
         raise CheckpointMismatchError("checkpoint has lm_head.weight but config.json says tie_word_embeddings=true")
-    want = hf_shape(name, cfg)
-    if tuple(tensor.shape) != want:
-        raise CheckpointMismatchError(
-            f"tensor {name!r} has shape {tuple(tensor.shape)} but config.json implies {want}; "
-            "the weights and config.json do not belong together"
-        )
+    check_hf_shape(name, tensor.shape, cfg)
     return path, np.ascontiguousarray(_LAYOUTS[rule.layout][0](tensor, cfg))
 
 
