@@ -22,7 +22,7 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint tensor that does not fit the configured architecture."""
 
 
-class Rule(NamedTuple):
+class TensorRule(NamedTuple):
     """One tensor: its HF name (after `model.layers.<i>.` for per-layer ones), its NNX path (after
     `layers/<i>/`), its HF shape in the dimension names of `_dims`, and how NNX lays it out."""
 
@@ -33,22 +33,22 @@ class Rule(NamedTuple):
 
 
 PER_LAYER_RULES = (
-    Rule("input_layernorm.weight", ("input_layernorm", "weight"), ("hidden",), "as_is"),
-    Rule("post_attention_layernorm.weight", ("post_attention_layernorm", "weight"), ("hidden",), "as_is"),
-    Rule("self_attn.q_proj.weight", ("self_attn", "q_proj"), ("q_heads*head_dim", "hidden"), "heads_out"),
-    Rule("self_attn.k_proj.weight", ("self_attn", "k_proj"), ("kv_heads*head_dim", "hidden"), "heads_out"),
-    Rule("self_attn.v_proj.weight", ("self_attn", "v_proj"), ("kv_heads*head_dim", "hidden"), "heads_out"),
-    Rule("self_attn.o_proj.weight", ("self_attn", "o_proj"), ("hidden", "q_heads*head_dim"), "heads_in"),
-    Rule("self_attn.q_norm.weight", ("self_attn", "q_norm", "weight"), ("head_dim",), "as_is"),
-    Rule("self_attn.k_norm.weight", ("self_attn", "k_norm", "weight"), ("head_dim",), "as_is"),
-    Rule("mlp.gate_proj.weight", ("mlp", "gate_proj"), ("intermediate", "hidden"), "transposed"),
-    Rule("mlp.up_proj.weight", ("mlp", "up_proj"), ("intermediate", "hidden"), "transposed"),
-    Rule("mlp.down_proj.weight", ("mlp", "down_proj"), ("hidden", "intermediate"), "transposed"),
+    TensorRule("input_layernorm.weight", ("input_layernorm", "weight"), ("hidden",), "as_is"),
+    TensorRule("post_attention_layernorm.weight", ("post_attention_layernorm", "weight"), ("hidden",), "as_is"),
+    TensorRule("self_attn.q_proj.weight", ("self_attn", "q_proj"), ("q_heads*head_dim", "hidden"), "heads_out"),
+    TensorRule("self_attn.k_proj.weight", ("self_attn", "k_proj"), ("kv_heads*head_dim", "hidden"), "heads_out"),
+    TensorRule("self_attn.v_proj.weight", ("self_attn", "v_proj"), ("kv_heads*head_dim", "hidden"), "heads_out"),
+    TensorRule("self_attn.o_proj.weight", ("self_attn", "o_proj"), ("hidden", "q_heads*head_dim"), "heads_in"),
+    TensorRule("self_attn.q_norm.weight", ("self_attn", "q_norm", "weight"), ("head_dim",), "as_is"),
+    TensorRule("self_attn.k_norm.weight", ("self_attn", "k_norm", "weight"), ("head_dim",), "as_is"),
+    TensorRule("mlp.gate_proj.weight", ("mlp", "gate_proj"), ("intermediate", "hidden"), "transposed"),
+    TensorRule("mlp.up_proj.weight", ("mlp", "up_proj"), ("intermediate", "hidden"), "transposed"),
+    TensorRule("mlp.down_proj.weight", ("mlp", "down_proj"), ("hidden", "intermediate"), "transposed"),
 )
 GLOBAL_RULES = (
-    Rule("model.embed_tokens.weight", ("embed_tokens",), ("vocab", "hidden"), "as_is"),
-    Rule("model.norm.weight", ("norm", "weight"), ("hidden",), "as_is"),
-    Rule("lm_head.weight", ("lm_head",), ("vocab", "hidden"), "transposed"),  # absent with tied embeddings
+    TensorRule("model.embed_tokens.weight", ("embed_tokens",), ("vocab", "hidden"), "as_is"),
+    TensorRule("model.norm.weight", ("norm", "weight"), ("hidden",), "as_is"),
+    TensorRule("lm_head.weight", ("lm_head",), ("vocab", "hidden"), "transposed"),  # absent with tied embeddings
 )
 
 # layout -> (HF [out, in] -> NNX, NNX -> HF). HF stores projections as [out, in]; NNX input-major,
@@ -79,7 +79,7 @@ def _dims(cfg: ModelConfig) -> dict[str, int]:
     }
 
 
-def _rule_of(name: str, cfg: ModelConfig) -> tuple[Rule, Path]:
+def _rule_of(name: str, cfg: ModelConfig) -> tuple[TensorRule, Path]:
     """The rule of HF tensor `name` and the NNX path it goes to."""
     m = _LAYER_RE.match(name)
     if m is None:
