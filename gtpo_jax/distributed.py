@@ -16,6 +16,7 @@ from typing import Optional
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from orbax.checkpoint import multihost
 
 log = logging.getLogger("gtpo_jax")
@@ -98,6 +99,4 @@ def broadcast_from_first(tree):
     """Process 0's value of a pytree of numpy arrays, on every process (identity with one)."""
     if jax.process_count() == 1:
         return tree
-    from jax.experimental import multihost_utils
-
     return jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(tree))

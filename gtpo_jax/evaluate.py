@@ -24,7 +24,13 @@ from tqdm import tqdm
 from gtpo_jax.cli import one_line_errors
 from gtpo_jax.config import MeshSection, ModelSection, RolloutSection, TokenizerSection
 from gtpo_jax.config_checks import range_problems
-from gtpo_jax.config_loader import ConfigError
+from gtpo_jax.config_loader import ConfigError, keys_help, load_config
+from gtpo_jax.data.records import check_data_files, read_rl_records
+from gtpo_jax.data.tokenizer import chat_prompt, load_tokenizer, tokenizer_dir_for
+from gtpo_jax.logs import setup_logging
+from gtpo_jax.rewards import Grader
+from gtpo_jax.rollout import make_rollout_backend_for_eval
+from gtpo_jax.rollout.jax_backend import JaxRollout
 
 log = logging.getLogger("gtpo_jax")
 
@@ -83,8 +89,6 @@ def evaluate_questions(backend, grader, questions, tokenizer, *, n: int, seed: i
                        questions_per_batch: int, done: dict[int, dict] | None = None, on_record=None,
                        desc: str = "eval") -> list[dict]:
     """Roll out and grade every question not already in `done`; returns records in question order."""
-    from gtpo_jax.data.tokenizer import chat_prompt
-
     done = dict(done or {})
     bar = tqdm(total=len(questions), initial=sum(q.index in done for q in questions), desc=desc,
                dynamic_ncols=True, leave=False, disable=None)  # no bar in log files
@@ -119,10 +123,6 @@ def evaluate_questions(backend, grader, questions, tokenizer, *, n: int, seed: i
 
 def evaluate_model(model, tokenizer, cfg, *, mesh=None) -> dict:
     """Held-out accuracy of a training run's current model on `cfg.data.eval_files` (JAX sampler)."""
-    from gtpo_jax.data.records import read_rl_records
-    from gtpo_jax.rewards import Grader
-    from gtpo_jax.rollout.jax_backend import JaxRollout
-
     questions = [q for f in cfg.data.eval_files for q in read_rl_records(f)]
     if cfg.eval.max_questions:
         questions = questions[: cfg.eval.max_questions]
@@ -233,10 +233,6 @@ def run_evaluation(cfg: EvalConfig, *, backend=None, tokenizer=None) -> dict:
     """Evaluate every dataset of `cfg`, resuming from the per-dataset JSONL files. `backend`
     (a RolloutBackend) and `tokenizer` default to the ones the config describes; passing them
     lets callers (tests, notebooks) reuse a loaded engine. A passed backend is not closed."""
-    from gtpo_jax.data.records import check_data_files, read_rl_records
-    from gtpo_jax.data.tokenizer import load_tokenizer, tokenizer_dir_for
-    from gtpo_jax.rewards import Grader
-
     # Every dataset is read before the tokenizer, the model and the engine: a wrong path or a
     # bad record fails in a second, not after minutes of loading.
     check_data_files(cfg.datasets.values(), what="evaluation set")
@@ -251,8 +247,6 @@ def run_evaluation(cfg: EvalConfig, *, backend=None, tokenizer=None) -> dict:
         tokenizer = load_tokenizer(cfg.tokenizer.path or tokenizer_dir_for(cfg.model.path))
     own_backend = backend is None
     if own_backend:
-        from gtpo_jax.rollout import make_rollout_backend_for_eval
-
         backend = make_rollout_backend_for_eval(cfg, tokenizer)
     grader = Grader(num_workers=cfg.grader_workers, timeout_s=cfg.grader_timeout_s)
     summaries = {}
@@ -294,9 +288,6 @@ def run_evaluation(cfg: EvalConfig, *, backend=None, tokenizer=None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gtpo_jax.config_loader import keys_help, load_config
-    from gtpo_jax.logs import setup_logging
-
     parser = argparse.ArgumentParser(prog="python -m gtpo_jax.evaluate", description=__doc__,
                                      epilog="config keys (type = default):\n" + keys_help(EvalConfig),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -27,6 +27,7 @@ import sys
 from jax._src import xla_bridge
 
 from gtpo_jax.config import Config
+from gtpo_jax.config_loader import load_config
 from gtpo_jax.layout import gtpo_row_len
 from gtpo_jax.model.config import ModelConfig
 from gtpo_jax.model.params import expected_hf_names, hf_shape
@@ -231,8 +232,6 @@ def planned_model_config(cfg: Config, preset: str | None = None, *, fallback: st
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gtpo_jax.config_loader import load_config
-
     ap = argparse.ArgumentParser(prog="python -m gtpo_jax.memory_plan",
                                  description="Print the trainer/engine GPU memory budget of a config.")
     ap.add_argument("--config", required=True)

@@ -12,6 +12,7 @@ import time
 
 import jax
 import numpy as np
+from tensorboardX import SummaryWriter
 
 log = logging.getLogger("gtpo_jax")
 
@@ -109,8 +110,6 @@ class _TensorBoardThread:
     """A tensorboardX SummaryWriter fed through a bounded queue by a daemon thread: `put` never waits."""
 
     def __init__(self, logdir: str, max_pending: int = 100):
-        from tensorboardX import SummaryWriter
-
         self.logdir = logdir
         self._queue: queue.Queue = queue.Queue(max_pending)
         self._writer = SummaryWriter(logdir)
@@ -202,7 +201,7 @@ class WandbWriter:
 def import_wandb():
     """The wandb module, or an error that says how to install it or turn it off."""
     try:
-        import wandb
+        import wandb  # optional extra (train.wandb_project), imported only when asked for
     except ImportError:
         raise ImportError(
             "train.wandb_project is set but Weights & Biases is not installed: pip install -e '.[wandb]' "

@@ -9,6 +9,10 @@ import sys
 from gtpo_jax.cli import one_line_errors
 from gtpo_jax.config import Config
 from gtpo_jax.config_loader import dump_yaml, keys_help, load_config
+from gtpo_jax.distributed import initialize
+from gtpo_jax.memory_plan import set_jax_memory_env
+from gtpo_jax.trainers.gtpo import run_gtpo
+from gtpo_jax.trainers.sft import run_sft
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,19 +44,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(cfg: Config) -> int:
-    from gtpo_jax.distributed import initialize
-    from gtpo_jax.memory_plan import set_jax_memory_env
-
     set_jax_memory_env(cfg)  # JAX's GPU allocator settings for gpu.sharing, before JAX starts
     initialize(cfg.distributed)  # before any JAX computation
-    if cfg.stage == "sft":
-        from gtpo_jax.trainers.sft import run_sft
-
-        result = run_sft(cfg)
-    else:
-        from gtpo_jax.trainers.gtpo import run_gtpo
-
-        result = run_gtpo(cfg)
+    result = run_sft(cfg) if cfg.stage == "sft" else run_gtpo(cfg)
     summary = {label: round(100 * r["accuracy"], 1) for label, r in result.get("eval", {}).items()}
     if summary:
         print("held-out accuracy (%): " + json.dumps(summary))

@@ -9,7 +9,8 @@ import pytest
 
 from gtpo_jax.data.pipeline import SFTData
 from gtpo_jax.data.records import RecordError, read_sft_records
-from gtpo_jax.data.tokenizer import build_tiny_tokenizer, load_tokenizer, qwen3_tokenizer_dir
+from gtpo_jax.data.tiny_tokenizer import build_tiny_tokenizer
+from gtpo_jax.data.tokenizer import load_tokenizer, qwen3_tokenizer_dir
 
 
 def write_jsonl(path, rows):

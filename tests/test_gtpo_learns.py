@@ -62,9 +62,7 @@ def tokens_per_forward_reward(inputs, weights, grader=None, *, need_correct=Fals
 
 
 def run(tmp_path, monkeypatch, reward_fn, *, flip_sign=False, **extra) -> list[dict]:
-    import gtpo_jax.rewards
-
-    monkeypatch.setattr(gtpo_jax.rewards, "compute_rewards", reward_fn)
+    monkeypatch.setattr(gtpo_module, "compute_rewards", reward_fn)
     if flip_sign:
         original = gtpo_module.group_advantages
         monkeypatch.setattr(gtpo_module, "group_advantages", lambda r: -original(r))

@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from gtpo_jax.model import ModelConfig, TokenLayout, init_model
+from gtpo_jax.rollout.jax_backend import JaxRollout
 from gtpo_jax.sampling import BlockDiffusionSampler, SamplerConfig
 from gtpo_jax.trajectory import token_logprobs
 
@@ -242,7 +243,7 @@ def test_rescored_trajectory_matches_rollout_logprobs(model, prompts):
     for cfg in (config(threshold=0.3), config(greedy=False, temperature=0.9, top_k=4, max_new_tokens=17),
                 config(strategy="low_confidence_static", stop_ids=()),
                 config(strategy="sequential", stop_ids=(), max_new_tokens=13)):
-        groups = BlockDiffusionSampler(model, cfg).generate(prompts, 2, seed=7)
+        groups = JaxRollout(model, cfg).generate(prompts, 2, seed=7)
         rollouts = [r for g in groups for r in g]
         assert len(groups) == len(prompts) and all(len(g) == 2 for g in groups)
         scored = token_logprobs(model, [r.prompt for r in rollouts], [r.tokens for r in rollouts],
@@ -255,7 +256,7 @@ def test_rescored_trajectory_matches_rollout_logprobs(model, prompts):
 
 def test_seed_reproducible_and_batch_independent(model, prompts):
     cfg = config(greedy=False, temperature=1.0)
-    s = BlockDiffusionSampler(model, cfg)
+    s = JaxRollout(model, cfg)
     a = s.generate(prompts[:2], 2, seed=11)
     b = s.generate(prompts[:2], 2, seed=11)
     c = s.generate(prompts[:2], 2, seed=12)
@@ -263,7 +264,7 @@ def test_seed_reproducible_and_batch_independent(model, prompts):
     assert flat(a) == flat(b) and flat(a) != flat(c)
     assert a[0][0].tokens.tolist() != a[0][1].tokens.tolist()  # samples of one prompt differ
     # a sub-batch budget splits the call without changing results
-    small = BlockDiffusionSampler(model, config(greedy=False, temperature=1.0, max_batch=1))
+    small = JaxRollout(model, config(greedy=False, temperature=1.0, max_batch=1))
     assert flat(small.generate(prompts[:2], 2, seed=11)) == flat(a)
 
 

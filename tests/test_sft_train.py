@@ -115,7 +115,7 @@ def write_jsonl(path, rows):
 
 
 def file_overrides(tmp_path, data_file) -> list[str]:
-    from gtpo_jax.data.tokenizer import build_tiny_tokenizer
+    from gtpo_jax.data.tiny_tokenizer import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer(str(tmp_path / "tok"))
     return tiny_overrides(tmp_path / "run", **{"data.synthetic": "false"}) + [
@@ -173,7 +173,7 @@ def test_bad_config_fails_before_work(tmp_path, overrides, message):
 
 def test_block_size_disagreeing_with_checkpoint(tmp_path):
     from conftest import write_tiny_hf_checkpoint
-    from gtpo_jax.data.tokenizer import build_tiny_tokenizer
+    from gtpo_jax.data.tiny_tokenizer import build_tiny_tokenizer
     from gtpo_jax.model import ModelConfigError
 
     hf = tmp_path / "hf"

@@ -1,4 +1,4 @@
-"""Tokenizers: the model's own (transformers.AutoTokenizer) and a tiny local one for CPU demos.
+"""Tokenizers: the model's own (transformers.AutoTokenizer); the CPU demo's tiny one is in `data.tiny_tokenizer`.
 
 SDAR needs a mask token (`<|MASK|>`, id 151669 in the real vocabulary) and the chat special
 tokens; everything reads their ids from the tokenizer rather than hard-coding them.
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+
+from transformers import AutoTokenizer
 
 MASK_TOKEN = "<|MASK|>"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", MASK_TOKEN]
@@ -28,43 +30,6 @@ def chat_prompt(question: str, template: str = DEFAULT_TEMPLATE, think: bool = F
     return template.format(question=question) + ("<think>" if think else "")
 
 
-def _tiny_corpus() -> list[str]:
-    from gtpo_jax.data.synthetic import synthetic_examples
-
-    texts = [chat_prompt("What is 12 + 34?"), "The answer is", "<think></think>"]
-    for ex in synthetic_examples(500, seed=12345, digits=3):
-        texts.append(ex.question + " " + ex.response)
-    texts.append("".join(chr(c) for c in range(32, 127)))  # every printable character is encodable
-    return texts
-
-
-def build_tiny_tokenizer(out_dir: str, vocab_size: int = 192) -> str:
-    """Train a small BPE (digits always single tokens) on the synthetic task's text and save it
-    as an HF fast tokenizer with the SDAR special tokens. Deterministic; returns `out_dir`."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    if os.path.isfile(os.path.join(out_dir, "tokenizer.json")):
-        return out_dir
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True),
-         pre_tokenizers.Split(Regex(r"\s|[^\w\s]"), behavior="isolated")]
-    )
-    tok.decoder = decoders.Fuse()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=[chr(c) for c in range(32, 127)] + ["\n"])
-    tok.train_from_iterator(_tiny_corpus(), trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", mask_token=MASK_TOKEN,
-        additional_special_tokens=["<|im_start|>", "<think>", "</think>"],
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    os.makedirs(out_dir, exist_ok=True)
-    fast.save_pretrained(out_dir)
-    return out_dir
-
-
 def tokenizer_dir_for(model_path: str) -> str:
     """Where the tokenizer of a model directory lives: an HF directory holds it; an Orbax
     checkpoint of ours keeps it in `<root>/hf_assets`, also when `model_path` names one of the
@@ -80,8 +45,6 @@ TOKENIZER_FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("toke
 
 
 def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
     if not os.path.isdir(path):
         raise TokenizerError(f"tokenizer directory {path} does not exist")
     found = set(os.listdir(path))

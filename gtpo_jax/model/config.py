@@ -7,6 +7,8 @@ import json
 import os
 from typing import Any
 
+from gtpo_jax.model.presets import HF_PRESETS
+
 SUPPORTED_MODEL_TYPES = ("sdar", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -110,8 +112,6 @@ class ModelConfig:
 
     @classmethod
     def _from_preset(cls, name: str, overrides: dict) -> "ModelConfig":
-        from gtpo_jax.model.presets import HF_PRESETS
-
         return dataclasses.replace(cls.from_hf_dict(HF_PRESETS[name]), **overrides)
 
     # ---- HF config.json ------------------------------------------------------------------

@@ -73,7 +73,7 @@ def _quiet_math_verify() -> None:
 def _parse_gold(gold: str):
     """math-verify needs LaTeX delimiters to read a LaTeX answer: try the gold as a boxed
     expression first, then in `$...$`, then as written (golds like `$2^{1009}$` carry their own)."""
-    from math_verify import parse
+    from math_verify import parse  # sympy behind it costs seconds: paid by the grading processes only
 
     gold = gold.strip()
     delimited = _DOLLAR_RE.search(gold) or "\\boxed" in gold
@@ -88,7 +88,7 @@ def _parse_gold(gold: str):
 def grade_answer(text: str, ground_truth: str) -> GradeResult:
     """Grade a response: its last boxed answer against the ground truth under math-verify
     (fractions vs decimals, radicals, intervals, sets... are equal when equivalent)."""
-    from math_verify import parse, verify
+    from math_verify import parse, verify  # sympy behind it costs seconds: paid by the grading processes only
 
     _quiet_math_verify()
     answer = extract_boxed(text)

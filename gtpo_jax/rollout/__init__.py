@@ -1,46 +1,35 @@
 """Rollout engines behind one interface (`RolloutBackend`): the JAX sampler, or LMDeploy.
 
-The LMDeploy bridge lives in `gtpo_jax.rollout.lmdeploy_backend` and is imported only when a
-config asks for it (LMDeploy is a GPU-only dependency). That module provides
-`make_backend(cfg, session)` and `make_backend_for_eval(cfg, tokenizer)`.
+The LMDeploy bridge (`gtpo_jax.rollout.lmdeploy_backend`) imports LMDeploy itself only when an
+engine is built (LMDeploy is a GPU-only dependency), so importing this package needs no LMDeploy.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from gtpo_jax.rollout.base import Rollout, RolloutBackend  # noqa: F401 - re-exported
+import jax
+
+from gtpo_jax.checkpoint import load_model
+from gtpo_jax.rollout import lmdeploy_backend
+from gtpo_jax.rollout.base import Rollout, RolloutBackend
+from gtpo_jax.rollout.jax_backend import JaxRollout
+from gtpo_jax.rollout.split import ProcessSplitRollout
+from gtpo_jax.sharding import MeshConfig, build_mesh, shard_model
 
 __all__ = ["Rollout", "RolloutBackend", "make_rollout_backend", "make_rollout_backend_for_eval"]
-
-
-def _lmdeploy_module():
-    try:
-        from gtpo_jax.rollout import lmdeploy_backend
-    except ImportError as e:
-        raise RuntimeError(
-            f"rollout.backend=lmdeploy needs LMDeploy (pip install lmdeploy, GPU machines only) and "
-            f"gtpo_jax.rollout.lmdeploy_backend ({e}); use rollout.backend=jax otherwise"
-        ) from e
-    return lmdeploy_backend
 
 
 def make_rollout_backend(cfg, session) -> RolloutBackend:
     """The training run's rollout engine (`cfg.rollout.backend`); the JAX one shares the
     session's live model and mesh."""
     if cfg.rollout.backend == "lmdeploy":
-        import jax
-
-        backend = _lmdeploy_module().make_backend(cfg, session)
+        backend = lmdeploy_backend.make_backend(cfg, session)
         if jax.process_count() > 1:  # one engine per process (node): each generates its share
-            from gtpo_jax.rollout.split import ProcessSplitRollout
-
             backend = ProcessSplitRollout(backend)
         return backend
     if cfg.rollout.backend != "jax":
         raise ValueError(f"unknown rollout.backend {cfg.rollout.backend!r}; use 'jax' or 'lmdeploy'")
-    from gtpo_jax.rollout.jax_backend import JaxRollout
-
     return JaxRollout.from_config(session.model(), session.tokenizer, cfg.rollout, block_size=cfg.block_size,
                                   mesh=session.mesh, stop_ids=session.stop_ids, mask_id=session.mask_id)
 
@@ -49,15 +38,11 @@ def make_rollout_backend_for_eval(cfg, tokenizer) -> RolloutBackend:
     """The engine of `python -m gtpo_jax.evaluate`: the model at `cfg.model.path` with the runtime
     options of `cfg.model`, decoding greedily when `cfg.greedy`."""
     if cfg.rollout.backend == "lmdeploy":
-        return _lmdeploy_module().make_backend_for_eval(cfg, tokenizer)
+        return lmdeploy_backend.make_backend_for_eval(cfg, tokenizer)
     if cfg.rollout.backend != "jax":
         raise ValueError(f"unknown rollout.backend {cfg.rollout.backend!r}; use 'jax' or 'lmdeploy'")
     if not cfg.model.path:
         raise ValueError("evaluation needs model.path (an HF directory or an Orbax checkpoint)")
-    from gtpo_jax.checkpoint import load_model
-    from gtpo_jax.rollout.jax_backend import JaxRollout
-    from gtpo_jax.sharding import MeshConfig, build_mesh, shard_model
-
     m = cfg.model
     model = load_model(m.path, param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat,
                        attn_q_tile=m.attn_q_tile, attn_kv_tile=m.attn_kv_tile)

@@ -9,6 +9,8 @@ from typing import Sequence
 
 import numpy as np
 
+from gtpo_jax.sampling import tokens_per_forward
+
 
 @dataclasses.dataclass
 class Rollout:
@@ -28,7 +30,7 @@ class Rollout:
 
     @property
     def tokens_per_forward(self) -> float:
-        return len(self.step_map) / max(len(set(self.step_map.tolist())), 1)
+        return tokens_per_forward(self.step_map)
 
     @property
     def tail(self) -> tuple[np.ndarray, np.ndarray] | None:

@@ -26,10 +26,19 @@ import itertools
 import logging
 import os
 import tempfile
+from types import SimpleNamespace
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
+import jax
 import numpy as np
 
+from gtpo_jax.checkpoint import param_tree
+from gtpo_jax.conversion import orbax_to_hf
+from gtpo_jax.data.tokenizer import mask_token_id, stop_token_ids
+from gtpo_jax.distributed import barrier
+from gtpo_jax.hf_io import export_hf_dir, host_tensors, remove_weight_files
+from gtpo_jax.memory_plan import GIB, plan_memory
+from gtpo_jax.model.params import nnx_to_hf
 from gtpo_jax.rollout.base import Rollout, RolloutBackend
 from gtpo_jax.rollout.lmdeploy_patch import (  # noqa: F401 - re-exported: the bridge's public names
     _PATCH_FLAG,
@@ -48,9 +57,6 @@ from gtpo_jax.rollout.lmdeploy_patch import (  # noqa: F401 - re-exported: the b
 
 log = logging.getLogger("gtpo_jax")
 _BUCKET_BYTES = 512 << 20
-
-
-_BUCKET_BYTES = 512 << 20
 ENGINE_DTYPES = ("bfloat16", "float16")  # what LMDeploy's PyTorch engine computes in
 
 
@@ -60,16 +66,12 @@ ENGINE_DTYPES = ("bfloat16", "float16")  # what LMDeploy's PyTorch engine comput
 def hf_named_tensors(params: Any, model_cfg, dtype: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """Our parameter tree (nnx.State or nested dict) as HF-named host arrays in `dtype`, one at a
     time: cast on the devices, gathered when they span processes (every process must iterate)."""
-    from gtpo_jax.checkpoint import param_tree
-    from gtpo_jax.hf_io import host_tensors
-    from gtpo_jax.model.params import nnx_to_hf
-
     for path, array in host_tensors(param_tree(params), dtype):
         yield nnx_to_hf(path, array, model_cfg)
 
 
 def _torch_cuda(array: np.ndarray):
-    import torch
+    import torch  # GPU-only extra, imported lazily
 
     if array.dtype.name == "bfloat16":  # ml_dtypes: move the bits
         return torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16).cuda()
@@ -143,7 +145,7 @@ class LMDeployRollout(RolloutBackend):
         self.engine = self._build_engine(model_dir)
 
     def engine_config(self):
-        from lmdeploy import PytorchEngineConfig
+        from lmdeploy import PytorchEngineConfig  # GPU-only extra, imported lazily
 
         c = self.cfg
         return PytorchEngineConfig(
@@ -154,7 +156,7 @@ class LMDeployRollout(RolloutBackend):
         )
 
     def generation_config(self, seed: int):
-        from lmdeploy import GenerationConfig
+        from lmdeploy import GenerationConfig  # GPU-only extra, imported lazily
 
         c = self.cfg
         # The bare Engine ignores `do_sample` (only the pipeline maps it to top_k=1): greedy is top_k=1,
@@ -168,7 +170,7 @@ class LMDeployRollout(RolloutBackend):
         )
 
     def _build_engine(self, model_dir: str):
-        from lmdeploy.pytorch.engine import Engine
+        from lmdeploy.pytorch.engine import Engine  # GPU-only extra, imported lazily
 
         trust = self.cfg.trust_remote_code
         try:
@@ -185,7 +187,7 @@ class LMDeployRollout(RolloutBackend):
         return engine
 
     async def _one(self, instance, prompt: list[int], seed: int) -> Rollout:
-        from lmdeploy.messages import ResponseType
+        from lmdeploy.messages import ResponseType  # GPU-only extra, imported lazily
 
         session_id = next(self._sessions)
         _RECORDS[session_id] = rec = StepRecord()
@@ -237,9 +239,7 @@ class LMDeployRollout(RolloutBackend):
         self._update_reload(params)
 
     def _update_inplace(self, params) -> None:
-        from types import SimpleNamespace
-
-        from lmdeploy.utils import serialize_state_dict
+        from lmdeploy.utils import serialize_state_dict  # GPU-only extra, imported lazily
 
         if self.asleep:  # level 2: the weights are rebuilt empty, then filled by the push below
             self.engine.wakeup(["weights"])
@@ -256,9 +256,6 @@ class LMDeployRollout(RolloutBackend):
             self.asleep = False
 
     def _update_reload(self, params) -> None:
-        from gtpo_jax.checkpoint import param_tree
-        from gtpo_jax.hf_io import export_hf_dir
-
         out = self.export_dir or tempfile.mkdtemp(prefix="gtpo_lmdeploy_")
         export_hf_dir(param_tree(params), self.model_cfg, out, dtype=self.dtype, source_config=self.source_config,
                       assets_dir=self.assets_dir)
@@ -278,10 +275,7 @@ class LMDeployRollout(RolloutBackend):
 
 def startup_memory_plan(cfg, model_cfg):
     """The GPU memory plan of this run on the devices torch sees; printed, and checked unless gpu.check=false."""
-    import jax
-    import torch
-
-    from gtpo_jax.memory_plan import GIB, plan_memory
+    import torch  # GPU-only extra, imported lazily
 
     gpu_bytes = int(cfg.gpu.memory_gib * GIB) or torch.cuda.mem_get_info()[1]
     plan = plan_memory(cfg, model_cfg, gpu_bytes=gpu_bytes, num_devices=jax.device_count())
@@ -296,12 +290,6 @@ def make_backend(cfg, session) -> LMDeployRollout:
     compute dtype (every process gathers, process 0 writes), start this process's engine on it;
     later steps push weights with `update_params`. The export's weight files are removed once every
     engine has loaded them (config and tokenizer stay), so a run keeps no copy of the policy on disk."""
-    import jax
-
-    from gtpo_jax.checkpoint import param_tree
-    from gtpo_jax.distributed import barrier
-    from gtpo_jax.hf_io import export_hf_dir, remove_weight_files
-
     check_lmdeploy()
     check_cuda()
     dtype = engine_dtype(cfg.model.dtype)
@@ -325,9 +313,6 @@ def make_backend(cfg, session) -> LMDeployRollout:
 def make_backend_for_eval(cfg, tokenizer) -> LMDeployRollout:
     """Evaluation: `cfg.model.path` as is when it is an HF directory, else its Orbax checkpoint
     exported to `<output_dir>/lmdeploy_model`; the engine runs in `cfg.model.dtype`."""
-    from gtpo_jax.conversion import orbax_to_hf
-    from gtpo_jax.data.tokenizer import mask_token_id, stop_token_ids
-
     check_lmdeploy()
     check_cuda()
     dtype = engine_dtype(cfg.model.dtype)

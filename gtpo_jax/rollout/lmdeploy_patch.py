@@ -39,7 +39,7 @@ class LMDeployUnavailableError(RuntimeError):
 def check_lmdeploy() -> Any:
     """Import LMDeploy and check its version; return the module."""
     try:
-        import lmdeploy
+        import lmdeploy  # GPU-only extra, imported lazily
     except ImportError as e:
         raise LMDeployUnavailableError(
             f"rollout.backend=lmdeploy needs LMDeploy {'/'.join(v + '.x' for v in SUPPORTED_VERSIONS)}: "
@@ -56,7 +56,7 @@ def check_lmdeploy() -> Any:
 
 
 def check_cuda() -> None:
-    import torch
+    import torch  # GPU-only extra, imported lazily
 
     if not torch.cuda.is_available():
         raise LMDeployUnavailableError(
@@ -129,8 +129,8 @@ def _to_numpy(x) -> np.ndarray:
 def _book_batch(running: Sequence[Any], batched_outputs: Any) -> None:
     """Record one engine forward for the registered sequences of `running` (before the original
     `update_running` rewrites their masks)."""
-    from lmdeploy.pytorch import consts
-    from lmdeploy.pytorch.messages import MessageStatus
+    from lmdeploy.pytorch import consts  # GPU-only extra, imported lazily
+    from lmdeploy.pytorch.messages import MessageStatus  # GPU-only extra, imported lazily
 
     if not running or not any(getattr(m, "session_id", None) in _RECORDS for m in running):
         return
@@ -153,7 +153,7 @@ def _book_batch(running: Sequence[Any], batched_outputs: Any) -> None:
 def install_step_map_patch() -> None:
     """Wrap `DLLMSequenceStrategy.update_running` once (version-checked; idempotent)."""
     check_lmdeploy()
-    from lmdeploy.pytorch.strategies.dllm import sequence as dllm_sequence
+    from lmdeploy.pytorch.strategies.dllm import sequence as dllm_sequence  # GPU-only extra, imported lazily
 
     cls = dllm_sequence.DLLMSequenceStrategy
     original = cls.update_running
@@ -171,7 +171,7 @@ def install_step_map_patch() -> None:
 
 
 def uninstall_step_map_patch() -> None:
-    from lmdeploy.pytorch.strategies.dllm import sequence as dllm_sequence
+    from lmdeploy.pytorch.strategies.dllm import sequence as dllm_sequence  # GPU-only extra, imported lazily
 
     cls = dllm_sequence.DLLMSequenceStrategy
     if getattr(cls.update_running, _PATCH_FLAG, False):

@@ -10,6 +10,7 @@ from typing import Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from gtpo_jax.distributed import barrier
 from gtpo_jax.rollout.base import Rollout, RolloutBackend
@@ -27,8 +28,6 @@ def allgather_bytes(payload: bytes) -> list[bytes]:
 
     A coordination-service barrier first: engines finish their shares at different times, and CPU
     (gloo) collectives give up when processes arrive more than 30 s apart."""
-    from jax.experimental import multihost_utils
-
     barrier("rollouts generated")
     data = np.frombuffer(payload, np.uint8)
     sizes = np.asarray(multihost_utils.process_allgather(np.asarray([data.size], np.int64))).reshape(-1)

@@ -7,6 +7,8 @@ from gtpo_jax.sampling.sampler import (
     SamplerConfig,
     filter_scores,
     select_slots,
+    tokens_per_forward,
 )
 
-__all__ = ["STRATEGIES", "BlockDiffusionSampler", "SampleBatch", "SamplerConfig", "filter_scores", "select_slots"]
+__all__ = ["STRATEGIES", "BlockDiffusionSampler", "SampleBatch", "SamplerConfig", "filter_scores", "select_slots",
+           "tokens_per_forward"]

@@ -8,10 +8,13 @@ import argparse
 import sys
 import time
 
+from gtpo_jax.checkpoint import load_model
+from gtpo_jax.data.tokenizer import chat_prompt, load_tokenizer, mask_token_id, stop_token_ids, tokenizer_dir_for
+from gtpo_jax.logs import setup_logging
+from gtpo_jax.sampling.sampler import STRATEGIES, BlockDiffusionSampler, SamplerConfig, tokens_per_forward
+
 
 def main(argv: list[str] | None = None) -> int:
-    from gtpo_jax.sampling.sampler import STRATEGIES
-
     ap = argparse.ArgumentParser(prog="python -m gtpo_jax.sampling", description=__doc__)
     ap.add_argument("--model", required=True, help="HF directory or Orbax checkpoint (root or step directory)")
     ap.add_argument("--tokenizer", help="tokenizer directory (default: next to the model)")
@@ -32,11 +35,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = ap.parse_args(argv)
 
-    from gtpo_jax.checkpoint import load_model
-    from gtpo_jax.data.tokenizer import chat_prompt, load_tokenizer, mask_token_id, stop_token_ids, tokenizer_dir_for
-    from gtpo_jax.sampling.sampler import BlockDiffusionSampler, SamplerConfig
-    from gtpo_jax.logs import setup_logging
-
     setup_logging()
     try:
         tokenizer = load_tokenizer(args.tokenizer or tokenizer_dir_for(args.model))
@@ -53,17 +51,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     texts = [chat_prompt(p) if args.chat else p for p in args.prompt]
     prompt_ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
-    sampler = BlockDiffusionSampler(model, config, tokenizer=tokenizer)
+    sampler = BlockDiffusionSampler(model, config)
     start = time.perf_counter()
-    groups = sampler.generate(prompt_ids, args.n, seed=args.seed)
+    # sample j of prompt i is sequence i·n + j (the random stream the rollout engine uses too)
+    out = sampler.sample([p for p in prompt_ids for _ in range(args.n)], seed=args.seed)
     seconds = time.perf_counter() - start
     total = 0
-    for text, group in zip(texts, groups):
-        for j, r in enumerate(group):
-            total += len(r.tokens)
-            print(f"=== prompt: {text!r} sample {j}: {len(r.tokens)} tokens, finish={r.finish_reason}, "
-                  f"tokens/forward={r.tokens_per_forward:.2f}, forwards={r.num_forwards}")
-            print(r.text)
+    for k, tokens in enumerate(out.tokens):
+        total += len(tokens)
+        reason = out.finish_reasons[k]
+        print(f"=== prompt: {texts[k // args.n]!r} sample {k % args.n}: {len(tokens)} tokens, finish={reason}, "
+              f"tokens/forward={tokens_per_forward(out.step_maps[k]):.2f}, forwards={out.num_forwards[k]}")
+        print(tokenizer.decode((tokens[:-1] if reason == "stop" else tokens).tolist(), skip_special_tokens=False))
     print(f"--- {total} tokens in {seconds:.2f} s (incl. compilation)", file=sys.stderr)
     return 0
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Any, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,9 +34,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gtpo_jax.model import KVContext, LayerKV, SDARModel, TokenLayout
-from gtpo_jax.rollout.base import Rollout
 from gtpo_jax.rounding import round_up
-from gtpo_jax.sharding import BATCH_AXES, to_host
+from gtpo_jax.sharding import BATCH_AXES, shard_batch, to_host
 
 log = logging.getLogger("gtpo_jax")
 
@@ -273,7 +272,8 @@ _generate_jit = jax.jit(_generate, static_argnames=("graphdef", "st"))
 
 @dataclasses.dataclass
 class SampleBatch:
-    """Raw per-sequence results (numpy), before they become `Rollout`s."""
+    """The sampler's results, one entry per sequence (numpy); the rollout layer builds its
+    records from them (the sampler knows nothing of rollouts)."""
 
     tokens: list[np.ndarray]
     step_maps: list[np.ndarray]
@@ -285,15 +285,19 @@ class SampleBatch:
     num_forwards: list[int]
 
 
+def tokens_per_forward(step_map: np.ndarray) -> float:
+    """Tokens committed per model forward of one sequence: its length over its distinct steps."""
+    return len(step_map) / max(len(set(np.asarray(step_map).tolist())), 1)
+
+
 class BlockDiffusionSampler:
     """Generates with a model under a `SamplerConfig`; `model`'s parameters may be replaced
     (nnx.update) between calls without recompiling."""
 
-    def __init__(self, model: SDARModel, config: SamplerConfig, *, mesh: Mesh | None = None, tokenizer: Any = None):
+    def __init__(self, model: SDARModel, config: SamplerConfig, *, mesh: Mesh | None = None):
         self.model = model
         self.config = config
         self.mesh = mesh
-        self.tokenizer = tokenizer
         self._compiled: set = set()
         self._data_parallel = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
@@ -370,8 +374,6 @@ class BlockDiffusionSampler:
                      batch, pb, cache_len, c.strategy)
         args = (prompt, plen, limit, keys, done)
         if self.mesh is not None:
-            from gtpo_jax.sharding import shard_batch
-
             args = shard_batch(args, self.mesh)
         out = to_host(_generate_jit(graphdef, params, *args, knobs, st=st))
         if not out["done"][:n].all():
@@ -391,20 +393,3 @@ class BlockDiffusionSampler:
             result.finish_reasons.append(reason)
             result.num_forwards.append(int(out["forwards"][i]) + int(p >= B))  # + the prefill
         return result
-
-    def generate(self, prompts: Sequence[Sequence[int]], n: int, *, seed: int) -> list[list[Rollout]]:
-        """`n` rollouts per prompt, grouped by prompt (sample j of prompt i uses stream i·n + j)."""
-        flat = [list(p) for p in prompts for _ in range(n)]
-        res = self.sample(flat, seed=seed)
-        rollouts = []
-        for i, p in enumerate(flat):
-            toks = res.tokens[i]
-            text = ""
-            if self.tokenizer is not None:
-                kept = toks[:-1] if res.finish_reasons[i] == "stop" else toks
-                text = self.tokenizer.decode(kept.tolist(), skip_special_tokens=False)
-            rollouts.append(Rollout(prompt=np.asarray(p, np.int32), tokens=toks, step_map=res.step_maps[i],
-                                    logprobs=res.logprobs[i], tail_tokens=res.tail_tokens[i],
-                                    tail_steps=res.tail_steps[i], finish_reason=res.finish_reasons[i], text=text,
-                                    num_forwards=res.num_forwards[i]))
-        return [rollouts[i * n : (i + 1) * n] for i in range(len(prompts))]

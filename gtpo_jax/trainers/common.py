@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from gtpo_jax.checkpoint import load_model
 from gtpo_jax.config import Config, OptimSection
 from gtpo_jax.model import ModelConfig, SDARModel, init_model
 
@@ -35,8 +36,6 @@ def build_model(cfg: Config, vocab_size: int | None = None) -> SDARModel:
     """The starting model: from `model.path` (HF dir or Orbax checkpoint) or a random preset."""
     runtime = runtime_model_options(cfg)
     if cfg.model.path:
-        from gtpo_jax.checkpoint import load_model
-
         model = load_model(cfg.model.path, **runtime)
     else:
         preset = getattr(ModelConfig, cfg.model.preset)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import time
 
@@ -11,14 +12,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gtpo_jax.checkpoint import param_tree
 from gtpo_jax.config import Config
+from gtpo_jax.data.pipeline import RLPromptSource
 from gtpo_jax.distributed import barrier, broadcast_from_first
 from gtpo_jax.layout import gtpo_row_len
+from gtpo_jax.rewards import Grader, RewardInput, compute_rewards
+from gtpo_jax.rollout import make_rollout_backend
 from gtpo_jax.rollout.base import Rollout
 from gtpo_jax.trainers.batching import split_evenly
 from gtpo_jax.trainers.dapo import dynamic_sample
 from gtpo_jax.trainers.gtpo_objective import (ScoredRollout, build_gtpo_batch, check_rollout_logprobs,
                                               group_advantages, gtpo_loss_fn)
+from gtpo_jax.trainers.session import TrainingSession
 from gtpo_jax.trajectory import token_logprobs
 
 log = logging.getLogger("gtpo_jax")
@@ -38,9 +44,6 @@ class ScoredGroup:
 
 
 def run_gtpo(cfg: Config) -> dict:
-    from gtpo_jax.trainers.session import TrainingSession
-    from gtpo_jax.data.pipeline import RLPromptSource
-
     import_reward_modules(cfg.gtpo.reward_modules)
     session = TrainingSession(cfg, make_data=lambda s: RLPromptSource.from_files(
         cfg.data.train_files, s.tokenizer, seed=cfg.data.shuffle_seed, think=cfg.data.think,
@@ -49,10 +52,6 @@ def run_gtpo(cfg: Config) -> dict:
 
 
 def _train(session, cfg: Config) -> dict:
-    from gtpo_jax.rewards import Grader, RewardInput, compute_rewards
-    from gtpo_jax.rollout import make_rollout_backend
-    from gtpo_jax.checkpoint import param_tree
-
     g = cfg.gtpo
     prompts = session.data
     use_old = g.num_iterations > 1
@@ -145,8 +144,6 @@ def _train(session, cfg: Config) -> dict:
 
 
 def import_reward_modules(names: list[str]) -> None:
-    import importlib
-
     for name in names:
         try:
             importlib.import_module(name)

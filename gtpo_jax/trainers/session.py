@@ -13,10 +13,17 @@ import yaml
 from flax import nnx
 from tqdm import tqdm
 
+from gtpo_jax.checkpoint import Checkpointer, param_tree
 from gtpo_jax.config import Config
 from gtpo_jax.config_loader import ConfigError, config_differences, dump_yaml, to_dict
-from gtpo_jax.data.tokenizer import tokenizer_dir_for
+from gtpo_jax.data.pipeline import SFTData
+from gtpo_jax.data.records import check_data_files
+from gtpo_jax.data.synthetic import write_synthetic_task
+from gtpo_jax.data.tiny_tokenizer import build_tiny_tokenizer
+from gtpo_jax.data.tokenizer import load_tokenizer, mask_token_id, stop_token_ids, tokenizer_dir_for
 from gtpo_jax.distributed import barrier
+from gtpo_jax.evaluate import evaluate_model
+from gtpo_jax.hf_io import export_hf_dir, read_hf_config
 from gtpo_jax.logs import setup_logging
 from gtpo_jax.metrics import MetricsWriter, WandbWriter, format_line, import_wandb
 from gtpo_jax.model.config import read_json_file
@@ -72,13 +79,6 @@ class TrainingSession:
             raise
 
     def _open(self, make_data) -> None:
-        from gtpo_jax.checkpoint import Checkpointer
-        from gtpo_jax.data.tokenizer import (
-            load_tokenizer,
-            mask_token_id,
-            stop_token_ids,
-        )
-
         cfg = self.cfg
         self._check_against_stored_config()
         barrier("config checked")
@@ -92,8 +92,6 @@ class TrainingSession:
             barrier("synthetic task written")
             if jax.process_index() != 0:
                 self._prepare_synthetic_task()
-        from gtpo_jax.data.records import check_data_files
-
         check_data_files(cfg.data.train_files, "data.train_files entry")
         check_data_files(cfg.data.eval_files, "data.eval_files entry")
         tok_dir = self._tokenizer_dir()
@@ -164,9 +162,6 @@ class TrainingSession:
         )
 
     def _prepare_synthetic_task(self) -> None:
-        from gtpo_jax.data.synthetic import write_synthetic_task
-        from gtpo_jax.data.tokenizer import build_tiny_tokenizer
-
         d = self.cfg.data
         write_synthetic_task(os.path.join(self.cfg.output_dir, "data"), n_train=d.synthetic_train,
                              n_eval=d.synthetic_eval, seed=d.shuffle_seed, digits=d.synthetic_digits)
@@ -191,8 +186,6 @@ class TrainingSession:
 
     def sft_data(self):
         """The SFT sample stream (this process's shard), checkpointable with get_state/set_state."""
-        from gtpo_jax.data.pipeline import SFTData
-
         d = self.cfg.data
         return SFTData(d.train_files, self.tokenizer, max_len=d.max_len, over_length=d.over_length,
                        prompt_too_long=d.prompt_too_long, seed=d.shuffle_seed, epochs=d.epochs)
@@ -268,8 +261,6 @@ class TrainingSession:
         every = self.cfg.eval.every
         if not self.cfg.eval.enabled or not self.cfg.data.eval_files or not (force or (every and step % every == 0)):
             return None
-        from gtpo_jax.evaluate import evaluate_model
-
         barrier(f"evaluate {step}")
         result = evaluate_model(self.model(), self.tokenizer, self.cfg, mesh=self.mesh)
         label = label or f"step {step}"
@@ -282,9 +273,6 @@ class TrainingSession:
         """Write the live policy as an HF directory (config.json and tokenizer from the run's
         hf_assets) through `hf_io.export_hf_dir`: every process takes part in the per-tensor
         gathers, process 0 writes."""
-        from gtpo_jax.checkpoint import param_tree
-        from gtpo_jax.hf_io import export_hf_dir, read_hf_config
-
         barrier("export")  # processes meet before the first gather (CPU collectives tolerate little skew)
         assets = self.checkpointer.hf_assets_dir
         export_hf_dir(param_tree(self.params), self.model_cfg, out_dir, dtype=self.cfg.checkpoint.export_dtype,

@@ -16,6 +16,7 @@ from gtpo_jax.layout import SampleLayout, sft_layout
 from gtpo_jax.losses import target_logprobs
 from gtpo_jax.rounding import round_up
 from gtpo_jax.trainers.batching import per_sample_mean_weights, split_evenly, stack_micro_batches
+from gtpo_jax.trainers.session import TrainingSession
 
 log = logging.getLogger("gtpo_jax")
 
@@ -96,8 +97,6 @@ def build_sft_batch(layouts: list[SampleLayout], cfg: Config, rows_multiple: int
 
 def run_sft(cfg: Config) -> dict:
     """The SFT stage end to end; returns the final metrics (and held-out accuracy if evaluated)."""
-    from gtpo_jax.trainers.session import TrainingSession
-
     session = TrainingSession(cfg, make_data=TrainingSession.sft_data)
     return session.run(lambda s: _train(s, cfg))  # on an error: checkpoint in flight finished, directory released
 
