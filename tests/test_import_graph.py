@@ -16,9 +16,9 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "gtpo_jax"
 LAYERS = [
     ("foundation", ["gtpo_jax", "gtpo_jax.logs", "gtpo_jax.cli", "gtpo_jax.config_loader", "gtpo_jax.config_checks",
                     "gtpo_jax.distributed", "gtpo_jax.run_lock", "gtpo_jax.export_dir", "gtpo_jax.metrics",
-                    "gtpo_jax.sharding"]),
+                    "gtpo_jax.sharding", "gtpo_jax.rounding"]),
     ("model", ["gtpo_jax.model"]),
-    ("model files", ["gtpo_jax.hf_io", "gtpo_jax.checkpoint_integrity", "gtpo_jax.checkpoint", "gtpo_jax.conversion"]),
+    ("model files", ["gtpo_jax.hf_io", "gtpo_jax.checkpoint", "gtpo_jax.conversion"]),
     ("data and rewards", ["gtpo_jax.data", "gtpo_jax.rewards"]),
     ("sampling", ["gtpo_jax.sampling"]),
     ("layout", ["gtpo_jax.layout"]),
