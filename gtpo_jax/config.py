@@ -52,6 +52,9 @@ class DataSection:
     synthetic_train: int = 4000  # questions in the synthetic training set
     synthetic_eval: int = 200  # held-out synthetic questions (never in the training set)
     synthetic_digits: int = 2  # digits of each number added in the synthetic task
+    # fraction of the synthetic SFT solutions needing a carry in which the teacher forgets it
+    # (wrong worked solution and answer); RL prompts and held-out answers stay correct
+    synthetic_carry_slip: float = 0.0
     max_len: int = 512  # prompt + response tokens
     # a sample longer than max_len: cut the response, or drop the sample (both counted)
     over_length: Literal["truncate", "skip"] = "truncate"

@@ -3,6 +3,12 @@
 Questions are additions of two `digits`-digit numbers; responses work column by column
 (with carries) and end in `\\boxed{sum}`: short, learnable by a tiny model, and graded by the
 same math-verify path as real benchmarks.
+
+`carry_slip` makes the SFT teacher sloppy: that fraction of the worked solutions that need a carry
+forget every carry (a consistent but wrong computation, e.g. 27+45: "7+5=12, 2+4=6 ... \\boxed{62}").
+A model imitating it samples the slip at T=1 as often as the teacher made it, a mistake the
+accuracy reward can find and remove (the CPU demo's headroom for RL); the RL prompts and the
+held-out answers stay correct.
 """
 
 from __future__ import annotations
@@ -23,25 +29,45 @@ class ArithmeticExample:
     answer: str
 
 
-def worked_addition(a: int, b: int) -> str:
-    steps, carry = [], 0
+def worked_addition(a: int, b: int, forget_carry: bool = False) -> str:
+    """Column-by-column addition ending in `\\boxed{}`; `forget_carry` drops every carry (and so
+    writes a wrong sum: the last column's sum, then the other columns' sums mod 10)."""
+    steps, carry, digits = [], 0, []
     da, db = str(a)[::-1], str(b)[::-1]
     for i in range(max(len(da), len(db))):
         x = int(da[i]) if i < len(da) else 0
         y = int(db[i]) if i < len(db) else 0
         s = x + y + carry
         steps.append(f"{x}+{y}" + (f"+{carry}" if carry else "") + f"={s}")
-        carry = s // 10
-    return ", ".join(steps) + f". So {a}+{b}={a + b}. \\boxed{{{a + b}}}"
+        digits.append(str(s % 10))
+        carry = 0 if forget_carry else s // 10
+    total = int(str(s) + "".join(reversed(digits[:-1])))  # == a + b unless a carry was forgotten
+    return ", ".join(steps) + f". So {a}+{b}={total}. \\boxed{{{total}}}"
 
 
-def synthetic_examples(n: int, seed: int, digits: int = 2) -> list[ArithmeticExample]:
+def needs_carry(a: int, b: int) -> bool:
+    """Whether some column of a + b carries into the next one (the last column's carry is not a
+    carry to forget: it is written as its sum's leading digit)."""
+    da, db = str(a)[::-1], str(b)[::-1]
+    width = max(len(da), len(db))
+    carry = 0
+    for i in range(width - 1):
+        carry = (int(da[i]) if i < len(da) else 0) + (int(db[i]) if i < len(db) else 0) + carry >= 10
+        if carry:
+            return True
+    return False
+
+
+def synthetic_examples(n: int, seed: int, digits: int = 2, carry_slip: float = 0.0) -> list[ArithmeticExample]:
+    """`answer` is always the true sum; `response` is the (possibly sloppy) teacher's."""
     rng = np.random.default_rng(seed)
+    slips = np.random.default_rng([seed, 1]).random(n) < carry_slip  # own stream: same questions for any rate
     lo, hi = 10 ** (digits - 1), 10**digits
     out = []
-    for _ in range(n):
+    for i in range(n):
         a, b = (int(x) for x in rng.integers(lo, hi, 2))
-        out.append(ArithmeticExample(f"What is {a} + {b}?", worked_addition(a, b), str(a + b)))
+        response = worked_addition(a, b, forget_carry=bool(slips[i]) and needs_carry(a, b))
+        out.append(ArithmeticExample(f"What is {a} + {b}?", response, str(a + b)))
     return out
 
 
@@ -50,11 +76,12 @@ def task_paths(out_dir: str) -> dict[str, str]:
     return {name: os.path.join(out_dir, f"{name}.jsonl") for name in ("sft_train", "rl_train", "rl_eval")}
 
 
-def write_synthetic_task(out_dir: str, n_train: int, n_eval: int, seed: int = 0, digits: int = 2) -> dict[str, str]:
+def write_synthetic_task(out_dir: str, n_train: int, n_eval: int, seed: int = 0, digits: int = 2,
+                         carry_slip: float = 0.0) -> dict[str, str]:
     """sft_train.jsonl, rl_train.jsonl and rl_eval.jsonl; held-out questions never appear in
-    the training files. Deterministic in (n_train, n_eval, seed, digits)."""
+    the training files. Deterministic in (n_train, n_eval, seed, digits, carry_slip)."""
     os.makedirs(out_dir, exist_ok=True)
-    pool = synthetic_examples(4 * (n_train + n_eval), seed=seed, digits=digits)
+    pool = synthetic_examples(4 * (n_train + n_eval), seed=seed, digits=digits, carry_slip=carry_slip)
     seen, unique = set(), []
     for ex in pool:
         if ex.question not in seen:

@@ -164,7 +164,8 @@ class TrainingSession:
     def _prepare_synthetic_task(self) -> None:
         d = self.cfg.data
         write_synthetic_task(os.path.join(self.cfg.output_dir, "data"), n_train=d.synthetic_train,
-                             n_eval=d.synthetic_eval, seed=d.shuffle_seed, digits=d.synthetic_digits)
+                             n_eval=d.synthetic_eval, seed=d.shuffle_seed, digits=d.synthetic_digits,
+                             carry_slip=d.synthetic_carry_slip)
         if self._tiny_tokenizer:
             build_tiny_tokenizer(self.cfg.tokenizer.path)
 
