@@ -1,0 +1,61 @@
+"""What the demo's GTPO changed: greedy held-out answers of checkpoints, sorted into right /
+carry forgotten (the boxed sum is the sum without carries) / other wrong, for the questions whose
+units column carries and for the others.
+
+python scripts/carry_slips.py runs/tiny/sft/checkpoints runs/tiny/gtpo/checkpoints \\
+    --config runs/tiny/gtpo/config.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+
+from gtpo_jax.checkpoint import load_model
+from gtpo_jax.config import Config
+from gtpo_jax.config_loader import load_config
+from gtpo_jax.data.records import read_rl_records
+from gtpo_jax.data.tokenizer import load_tokenizer
+from gtpo_jax.evaluate import evaluate_questions
+from gtpo_jax.rewards import Grader
+from gtpo_jax.rollout.jax_backend import JaxRollout
+
+
+def kind(question: str, response: str, correct: bool) -> tuple[str, str]:
+    a, b = map(int, re.match(r"What is (\d+) \+ (\d+)\?", question).groups())
+    boxed = re.search(r"boxed\{(\d+)\}", response)
+    without_carry = (a // 10 + b // 10) * 10 + (a % 10 + b % 10) % 10
+    verdict = "right" if correct else ("forgot" if boxed and int(boxed.group(1)) == without_carry else "other")
+    return ("carry" if a % 10 + b % 10 >= 10 else "no carry"), verdict
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("models", nargs="+", help="checkpoint roots or HF directories")
+    ap.add_argument("--config", default="runs/tiny/gtpo/config.yaml", help="a GTPO run's config: eval questions, decoding")
+    args = ap.parse_args()
+    cfg = load_config(Config, args.config, [])
+    if cfg.data.synthetic_digits != 2:
+        raise SystemExit("carry_slips.py reads two-digit questions (data.synthetic_digits: 2)")
+    tokenizer = load_tokenizer(cfg.tokenizer.path)
+    questions = [q for f in cfg.data.eval_files for q in read_rl_records(f)][: cfg.eval.max_questions or None]
+    questions = [dataclasses.replace(q, index=i) for i, q in enumerate(questions)]
+    for path in args.models:
+        backend = JaxRollout.from_config(load_model(path), tokenizer, cfg.rollout, block_size=cfg.block_size, greedy=True)
+        grader = Grader(num_workers=1, timeout_s=cfg.gtpo.grader_timeout_s)
+        try:
+            records = evaluate_questions(backend, grader, questions, tokenizer, n=1, seed=0, think=cfg.data.think,
+                                         questions_per_batch=64)
+        finally:
+            grader.close()
+        counts: dict[str, int] = {}
+        for q, r in zip(questions, records):
+            key = "/".join(kind(q.question, r["response"], r["correct"][0]))
+            counts[key] = counts.get(key, 0) + 1
+        print(path, json.dumps(dict(sorted(counts.items()))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
