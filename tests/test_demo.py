@@ -1,4 +1,4 @@
-"""The README demo at full scale (about 10 minutes on 2 cores): `pytest -m slow`."""
+"""The README demo at full scale (about 25 minutes on 2 shared cores): `pytest -m slow`."""
 
 from __future__ import annotations
 
@@ -31,5 +31,6 @@ def test_demo_sft_then_gtpo_raises_held_out_accuracy(tmp_path):
     gtpo = train("configs/gtpo_tiny.yaml", f"output_dir={tmp_path / 'gtpo'}",
                  f"model.path={tmp_path / 'sft' / 'checkpoints'}")
     assert gtpo["before"] == pytest.approx(sft["after"])  # greedy: same model, same numbers
-    assert gtpo["after"] > gtpo["before"], gtpo
+    # issue 12's margin; measured +17.5 to +25.5 points over 3 seeds x 2 rewards (README)
+    assert gtpo["after"] >= gtpo["before"] + 10, gtpo
     assert os.path.isfile(tmp_path / "gtpo" / "hf" / "config.json")  # exported for transformers / LMDeploy
