@@ -16,21 +16,21 @@ from gtpo_jax.config_loader import ConfigError
 from gtpo_jax.data.synthetic import task_paths
 from gtpo_jax.data.tokenizer import tokenizer_dir_for
 from gtpo_jax.distributed import DistributedSection
+from gtpo_jax.model.config import ModelRuntime
+from gtpo_jax.rewards.grading import GraderConfig
+from gtpo_jax.sampling.decoding import DecodingConfig
+from gtpo_jax.sharding import MeshConfig
 
 
-@dataclasses.dataclass
-class ModelSection:
+@dataclasses.dataclass(frozen=True)
+class ModelSection(ModelRuntime):
+    """Which model (path or preset), plus the runtime fields it shares with ModelConfig."""
+
     # HF directory or Orbax checkpoint directory; None = random init from `preset` (demos, tests).
     path: Optional[str] = None
     preset: Literal["tiny", "sdar_1_7b", "sdar_8b"] = "tiny"  # architecture of a random-init model (model.path unset)
     # Architecture overrides for the random-init preset (e.g. {"num_layers": 4}).
     preset_overrides: dict = dataclasses.field(default_factory=dict)
-    param_dtype: Literal["float32", "bfloat16"] = "float32"  # dtype the parameters are stored and updated in
-    dtype: Literal["float32", "bfloat16"] = "float32"  # dtype of the forward computation (activations, matmuls)
-    # activation rematerialisation per decoder layer: none, full, or save only matmul outputs (dots)
-    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
-    attn_q_tile: int = 256  # query tile of the block-causal attention kernel (tokens)
-    attn_kv_tile: int = 256  # key/value tile of the block-causal attention kernel (tokens)
     init_seed: int = 0  # seed of a random-init model's parameters
 
 
@@ -125,35 +125,8 @@ class CheckpointSection:
 
 
 @dataclasses.dataclass
-class MeshSection:
-    data: int = 1  # devices along the pure data-parallel mesh axis
-    fsdp: int = -1  # devices along the parameter-sharded data axis; -1 = all the devices left
-    tensor: int = 1  # devices along the tensor-parallel axis (heads, MLP width)
-
-
-@dataclasses.dataclass
-class RolloutSection:
-    # decoder of rollouts and evaluation: the JAX sampler, or LMDeploy (GPU)
-    backend: Literal["jax", "lmdeploy"] = "jax"
-    # which masked slots a forward commits (docs/algorithm.md, Decoding)
-    strategy: Literal["low_confidence_static", "low_confidence_dynamic", "sequential"] = "low_confidence_dynamic"
-    denoising_steps: int = 4  # low_confidence_static: commit block_size / denoising_steps slots per forward
-    threshold: float = 0.9  # low_confidence_dynamic: commit every slot at least this confident (and the top one)
-    temperature: float = 1.0  # divides the logits before sampling and confidences
-    top_k: int = 0  # sample among the k most likely tokens; 0 = all
-    top_p: float = 1.0  # sample from the smallest set holding this probability mass; 1 = all
-    max_new_tokens: int = 256  # response length limit (tokens)
-    min_new_tokens: int = 0  # stop tokens are suppressed until this many tokens (block-granular)
-    tensor_parallel: int = 1  # LMDeploy: tensor-parallel GPUs of the engine
-    cache_max_entry_count: float = 0.8  # LMDeploy: fraction of free GPU memory for the KV cache
-    # LMDeploy: let it run Python code shipped in the model directory (config.json's auto_map); SDAR loads
-    # without it, so set it only for a model that needs its own code, and only if you trust that code
-    trust_remote_code: bool = False
-
-
-@dataclasses.dataclass
 class GPUSection:
-    """How the trainer (JAX) and the LMDeploy engine share each node's GPUs (rollout.backend=lmdeploy;
+    """How the trainer (JAX) and the LMDeploy engine share each node's GPUs (decoding.backend=lmdeploy;
     `gtpo_jax.memory_plan` prints the budget at start-up and refuses a plan that cannot fit)."""
 
     # split: JAX preallocates `trainer_fraction` of every GPU (XLA_PYTHON_CLIENT_MEM_FRACTION, set
@@ -194,17 +167,19 @@ class GTPOSection:
     reward_modules: list[str] = dataclasses.field(default_factory=list)
     # parameters the reward functions read (e.g. cosine_max_len)
     reward_params: dict = dataclasses.field(default_factory=dict)
-    grader_workers: int = 2  # processes grading answers with math-verify
-    grader_timeout_s: float = 10.0  # seconds before a grading counts as wrong (a timeout, counted)
 
 
 @dataclasses.dataclass
 class EvalSection:
-    enabled: bool = True  # held-out accuracy at the start and end of a run (and every `every` steps)
-    every: int = 0  # evaluate every N steps during training; 0 = only at start and end
-    num_samples: int = 1  # samples per held-out question (accuracy = mean over them)
-    greedy: bool = True  # decode held-out questions greedily
-    max_questions: int = 0  # 0 = all
+    """Held-out accuracy: during training (data.eval_files) and in `python -m gtpo_jax.evaluate`."""
+
+    enabled: bool = True  # training: held-out accuracy at the start and end of a run (and every `every` steps)
+    every: int = 0  # training: evaluate every N steps as well; 0 = only at start and end
+    num_samples: int = 1  # samples per question (accuracy = mean over them)
+    greedy: bool = True  # decode greedily instead of sampling
+    max_questions: int = 0  # questions per dataset; 0 = all
+    # questions decoded together (num_samples each); each batch has its own seed, so this changes the samples
+    questions_per_batch: int = 64
 
 
 @dataclasses.dataclass
@@ -219,12 +194,25 @@ class Config:
     optim: OptimSection = dataclasses.field(default_factory=OptimSection)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
-    mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
-    rollout: RolloutSection = dataclasses.field(default_factory=RolloutSection)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    decoding: DecodingConfig = dataclasses.field(default_factory=DecodingConfig)
     gtpo: GTPOSection = dataclasses.field(default_factory=GTPOSection)
+    grader: GraderConfig = dataclasses.field(default_factory=GraderConfig)
     gpu: GPUSection = dataclasses.field(default_factory=GPUSection)
     eval: EvalSection = dataclasses.field(default_factory=EvalSection)
     distributed: DistributedSection = dataclasses.field(default_factory=DistributedSection)
+
+    # Keys of earlier releases and where they went: load_config names the new place of each one used.
+    MOVED_KEYS = {
+        **{f"rollout.{k}": f"decoding.{k}" for k in ("backend", "strategy", "denoising_steps", "threshold",
+                                                     "temperature", "top_k", "top_p", "max_new_tokens",
+                                                     "min_new_tokens")},
+        **{f"rollout.{k}": f"decoding.lmdeploy.{k}" for k in ("tensor_parallel", "cache_max_entry_count",
+                                                              "trust_remote_code")},
+        "rollout.jax_max_batch": "decoding.jax.max_batch", "rollout.jax_cache_gib": "decoding.jax.cache_gib",
+        "rollout": "decoding",
+        "gtpo.grader_workers": "grader.workers", "gtpo.grader_timeout_s": "grader.timeout_s",
+    }
 
     def resolve_paths(self) -> None:
         """Fill in the paths a run derives from other keys, so that config.yaml and --print-config
@@ -256,11 +244,9 @@ class Config:
         problems = range_problems(self)
         if self.masking.lower_p > self.masking.upper_p:
             problems.append(f"masking.lower_p ({self.masking.lower_p}) must be <= masking.upper_p ({self.masking.upper_p})")
-        if self.rollout.min_new_tokens > self.rollout.max_new_tokens:
-            problems.append(f"rollout.min_new_tokens ({self.rollout.min_new_tokens}) must be <= "
-                            f"rollout.max_new_tokens ({self.rollout.max_new_tokens})")
-        if self.rollout.backend == "lmdeploy" and self.model.dtype != "bfloat16":
-            problems.append(f"rollout.backend=lmdeploy runs rollouts in the trainer's compute dtype, which LMDeploy "
+        problems.extend(decoding_problems(self.decoding))
+        if self.decoding.backend == "lmdeploy" and self.model.dtype != "bfloat16":
+            problems.append(f"decoding.backend=lmdeploy runs rollouts in the trainer's compute dtype, which LMDeploy "
                             f"supports in bfloat16 only here: set model.dtype=bfloat16 (got {self.model.dtype})")
         if self.stage == "sft" and self.train.micro_batches >= 1 and self.train.batch_size % self.train.micro_batches:
             problems.append(
@@ -273,6 +259,13 @@ class Config:
             problems.extend(reward_weight_problems(self.gtpo))
         if problems:
             raise ConfigError("invalid configuration: " + "; ".join(problems))
+
+
+def decoding_problems(d: DecodingConfig) -> list[str]:
+    if d.min_new_tokens > d.max_new_tokens:
+        return [f"decoding.min_new_tokens ({d.min_new_tokens}) must be <= decoding.max_new_tokens "
+                f"({d.max_new_tokens})"]
+    return []
 
 
 def reward_weight_problems(g: GTPOSection) -> list[str]:

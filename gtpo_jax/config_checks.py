@@ -1,7 +1,7 @@
 """Allowed values of every numeric config setting, checked at load time (before any model loads).
 
 Rules are attached to section types, not to paths, so that a section reused by another config
-tree (the evaluation config holds the same `rollout` and `model` sections) is checked the same
+tree (the evaluation config holds the same `decoding`, `model`, `grader` and `eval` sections) is checked the same
 way. `range_problems(cfg)` walks the tree and returns one line per bad value, naming the dotted
 key, the allowed range and the value given.
 """
@@ -59,28 +59,28 @@ def _rules() -> dict[str, list[Rule]]:
             at_least("log_every", 1), at_least("vocab_chunk", 1),
         ],
         "CheckpointSection": [at_least("save_every", 1), at_least("keep", 0, " (0 = keep every step)")],
-        "MeshSection": [at_least("data", 1), Rule("fsdp", lambda v: v >= 1 or v == -1, ">= 1, or -1 (all devices left)"),
+        "MeshConfig": [at_least("data", 1), Rule("fsdp", lambda v: v >= 1 or v == -1, ">= 1, or -1 (all devices left)"),
                         at_least("tensor", 1)],
-        "RolloutSection": [
+        "DecodingConfig": [
             at_least("denoising_steps", 1), within("threshold", 0, 1),
-            above("temperature", 0, " (greedy decoding is eval.greedy / greedy, not temperature 0)"),
+            above("temperature", 0, " (greedy decoding is eval.greedy, not temperature 0)"),
             at_least("top_k", 0, " (0 = off)"), within("top_p", 0, 1, low_open=True), at_least("max_new_tokens", 1),
-            at_least("min_new_tokens", 0), at_least("tensor_parallel", 1),
-            within("cache_max_entry_count", 0, 1, low_open=True),
+            at_least("min_new_tokens", 0),
         ],
+        "JaxEngineSection": [Rule("max_batch", lambda v: v is None or v >= 1, ">= 1, or null (no limit)"),
+                             Rule("cache_gib", lambda v: v is None or v > 0, "> 0, or null (no limit)")],
+        "LMDeployEngineSection": [at_least("tensor_parallel", 1),
+                                  within("cache_max_entry_count", 0, 1, low_open=True)],
+        "GraderConfig": [at_least("workers", 0, " (0 = grade in the calling process)"), above("timeout_s", 0)],
         "GTPOSection": [
             at_least("num_task_per_step", 1), at_least("num_response_per_task", 2, " (advantages are group-normalised)"),
             at_least("oversample", 1), within("eps_low", 0, 1, high_open=True), at_least("eps_high", 0),
             at_least("beta", 0, " (0 = no KL term)"), at_least("shrink", 1), at_least("num_iterations", 1),
             at_least("mini_batches", 1), at_least("tis_cap", 0, " (0 = off)"), at_least("max_rounds", 1),
-            at_least("grader_workers", 0, " (0 = grade in the trainer's process)"), above("grader_timeout_s", 0),
         ],
         "EvalSection": [at_least("every", 0, " (0 = start and end only)"), at_least("num_samples", 1),
-                        at_least("max_questions", 0, " (0 = all)")],
-        "EvalConfig": [
-            at_least("block_size", 1), at_least("n", 1), at_least("max_questions", 0, " (0 = all)"),
-            at_least("questions_per_batch", 1), at_least("grader_workers", 0), above("grader_timeout_s", 0),
-        ],
+                        at_least("max_questions", 0, " (0 = all)"), at_least("questions_per_batch", 1)],
+        "EvalConfig": [at_least("block_size", 1)],
         "GPUSection": [within("trainer_fraction", 0, 1, low_open=True, high_open=True),
                        at_least("memory_gib", 0, " (0 = as the device reports)"),
                        at_least("activation_gib", 0, " (0 = estimated)")],

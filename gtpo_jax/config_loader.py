@@ -146,7 +146,25 @@ def load_config(cls, yaml_path: str | None = None, overrides: list[str] | tuple[
         except yaml.YAMLError:
             value = raw
         _set_dotted(values, dotted.strip(), value)
+    moved = moved_key_problems(values, getattr(cls, "MOVED_KEYS", {}))
+    if moved:
+        raise ConfigError("renamed config key(s): " + "; ".join(moved) + " (rename them in the YAML file or the "
+                          "override; --help lists every key)")
     return _build(cls, values)
+
+
+def moved_key_problems(values: dict, moved: dict[str, str | None]) -> list[str]:
+    """'old is now new' for every key of `values` (a nested mapping) that `moved` renames. `moved`
+    maps an old dotted key, or an old section (its keys move with it), to its new place (checked in
+    the mapping's order: specific keys before their section); None = the key is gone."""
+    lines = []
+    for key in flatten(values):
+        for old, new in moved.items():
+            if key == old or key.startswith(old + "."):
+                lines.append(f"{key} no longer exists (no code read it): delete it" if new is None
+                             else f"{key} is now {new}{key[len(old):]}")
+                break
+    return lines
 
 
 def _looks_numeric(text: str) -> bool:
@@ -169,7 +187,16 @@ def dump_yaml(cfg) -> str:
 def field_docs(cls) -> dict[str, str]:
     """Field name -> its meaning, read from the comments on the field in the dataclass's source:
     the comment at the end of the field's line, else the comment lines right above it. The config
-    classes document each key there, once; `--help` and the tests read it from there."""
+    classes document each key there, once; `--help` and the tests read it from there. Fields a
+    class inherits are documented in the class that declares them."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            docs.update(_own_field_docs(klass))
+    return docs
+
+
+def _own_field_docs(cls) -> dict[str, str]:
     try:
         lines, _ = inspect.getsourcelines(cls)
     except (OSError, TypeError):
@@ -242,7 +269,8 @@ def keys_help(cls) -> str:
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
-    """{'a': {'b': 1}} -> {'a.b': 1} (mappings that are values, such as gtpo.rewards, too)."""
+    """{'a': {'b': 1}} -> {'a.b': 1} (mappings that are values, such as gtpo.rewards, too; an
+    empty mapping stays a value)."""
     out = {}
     for key, value in tree.items():
         if isinstance(value, dict) and value:

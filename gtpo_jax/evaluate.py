@@ -22,45 +22,52 @@ import numpy as np
 from tqdm import tqdm
 
 from gtpo_jax.cli import one_line_errors
-from gtpo_jax.config import MeshSection, ModelSection, RolloutSection, TokenizerSection
+from gtpo_jax.config import Config, EvalSection, ModelSection, TokenizerSection, decoding_problems
 from gtpo_jax.config_checks import range_problems
 from gtpo_jax.config_loader import ConfigError, keys_help, load_config
 from gtpo_jax.data.records import check_data_files, read_rl_records
-from gtpo_jax.data.tokenizer import chat_prompt, load_tokenizer, tokenizer_dir_for
+from gtpo_jax.data.tokenizer import TokenIds, chat_prompt, load_tokenizer, resolve_token_ids, tokenizer_dir_for
 from gtpo_jax.logs import setup_logging
-from gtpo_jax.rewards import Grader
-from gtpo_jax.rollout import make_rollout_backend_for_eval
+from gtpo_jax.rewards import Grader, GraderConfig
+from gtpo_jax.rollout import RolloutSpec, make_eval_backend
 from gtpo_jax.rollout.jax_backend import JaxRollout
+from gtpo_jax.sampling import DecodingConfig
+from gtpo_jax.sharding import MeshConfig
 
 log = logging.getLogger("gtpo_jax")
 
 
 @dataclasses.dataclass
 class EvalConfig:
+    """The config tree of `python -m gtpo_jax.evaluate`: the training tree's sections (model,
+    tokenizer, decoding, mesh, grader, eval) plus what names the datasets and the output."""
+
     datasets: dict  # name -> RL-format file (JSONL / JSON / Parquet), or builtin:<file> for a shipped set
     output_dir: str = "runs/eval"  # where per-question progress, results.json and results.md go
     block_size: int = 4  # diffusion block size B (must match the checkpoint's)
-    n: int = 1  # samples per question
-    greedy: bool = False  # decode greedily instead of sampling
     seed: int = 0  # seed of the sampling (each batch of questions gets seed + its offset)
-    max_questions: int = 0  # 0 = all
-    questions_per_batch: int = 16  # questions decoded together (n samples each)
     think: bool = False  # end the prompt with <think>
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
     tokenizer: TokenizerSection = dataclasses.field(default_factory=TokenizerSection)
-    rollout: RolloutSection = dataclasses.field(default_factory=RolloutSection)
-    mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
-    grader_workers: int = 2  # processes grading answers with math-verify
-    grader_timeout_s: float = 10.0  # seconds before a grading counts as wrong (a timeout, counted)
+    decoding: DecodingConfig = dataclasses.field(default_factory=DecodingConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    grader: GraderConfig = dataclasses.field(default_factory=GraderConfig)
+    eval: EvalSection = dataclasses.field(default_factory=EvalSection)
+
+    # Keys of earlier releases and where they went: load_config names the new place of each one used.
+    MOVED_KEYS = {
+        **{key: new for key, new in Config.MOVED_KEYS.items() if key.startswith("rollout")},
+        "n": "eval.num_samples", "greedy": "eval.greedy", "max_questions": "eval.max_questions",
+        "questions_per_batch": "eval.questions_per_batch", "grader_workers": "grader.workers",
+        "grader_timeout_s": "grader.timeout_s", "backend_options": None,
+    }
 
     def validate(self) -> None:
         """Every value in its allowed range (ConfigError naming each bad key), before any model loads."""
         problems = range_problems(self)
         if not self.datasets:
             problems.append("datasets must name at least one dataset, e.g. {aime24: data/aime24.jsonl}")
-        if self.rollout.min_new_tokens > self.rollout.max_new_tokens:
-            problems.append(f"rollout.min_new_tokens ({self.rollout.min_new_tokens}) must be <= "
-                            f"rollout.max_new_tokens ({self.rollout.max_new_tokens})")
+        problems.extend(decoding_problems(self.decoding))
         if problems:
             raise ConfigError("invalid configuration: " + "; ".join(problems))
 
@@ -121,18 +128,19 @@ def evaluate_questions(backend, grader, questions, tokenizer, *, n: int, seed: i
     return [done[q.index] for q in questions]
 
 
-def evaluate_model(model, tokenizer, cfg, *, mesh=None) -> dict:
+def evaluate_model(model, tokenizer, cfg: Config, ids: TokenIds, *, mesh=None) -> dict:
     """Held-out accuracy of a training run's current model on `cfg.data.eval_files` (JAX sampler)."""
     questions = [q for f in cfg.data.eval_files for q in read_rl_records(f)]
     if cfg.eval.max_questions:
         questions = questions[: cfg.eval.max_questions]
     questions = [dataclasses.replace(q, index=i) for i, q in enumerate(questions)]
-    backend = JaxRollout.from_config(model, tokenizer, cfg.rollout, block_size=cfg.block_size, greedy=cfg.eval.greedy,
-                                     mesh=mesh)
-    grader = Grader(num_workers=cfg.gtpo.grader_workers, timeout_s=cfg.gtpo.grader_timeout_s)
+    spec = RolloutSpec(cfg.decoding, ids, greedy=cfg.eval.greedy)
+    backend = JaxRollout.from_spec(spec, model, tokenizer=tokenizer, mesh=mesh)
+    grader = Grader.from_config(cfg.grader)
     try:
         records = evaluate_questions(backend, grader, questions, tokenizer, n=cfg.eval.num_samples,
-                                     seed=cfg.train.seed, think=cfg.data.think, questions_per_batch=64)
+                                     seed=cfg.train.seed, think=cfg.data.think,
+                                     questions_per_batch=cfg.eval.questions_per_batch)
     finally:
         grader.close()
     return summarise(records)
@@ -181,9 +189,9 @@ def evaluation_key(cfg: EvalConfig, dataset_path: str) -> dict:
                   "init_seed": cfg.model.init_seed, "dtype": cfg.model.dtype, "param_dtype": cfg.model.param_dtype},
         "tokenizer": _files_fingerprint(cfg.tokenizer.path),
         "dataset": _files_fingerprint(dataset_path),
-        "decoding": {"n": cfg.n, "greedy": cfg.greedy, "seed": cfg.seed, "think": cfg.think,
-                     "block_size": cfg.block_size, "questions_per_batch": cfg.questions_per_batch,
-                     "rollout": dataclasses.asdict(cfg.rollout)},
+        "decoding": {"n": cfg.eval.num_samples, "greedy": cfg.eval.greedy, "seed": cfg.seed, "think": cfg.think,
+                     "block_size": cfg.block_size, "questions_per_batch": cfg.eval.questions_per_batch,
+                     "rollout": dataclasses.asdict(cfg.decoding)},
     }
     key["fingerprint"] = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return key
@@ -239,16 +247,18 @@ def run_evaluation(cfg: EvalConfig, *, backend=None, tokenizer=None) -> dict:
     question_sets = {}
     for name, path in cfg.datasets.items():
         questions = read_rl_records(path)
-        if cfg.max_questions:
-            questions = questions[: cfg.max_questions]
+        if cfg.eval.max_questions:
+            questions = questions[: cfg.eval.max_questions]
         question_sets[name] = [dataclasses.replace(q, index=i) for i, q in enumerate(questions)]
     os.makedirs(cfg.output_dir, exist_ok=True)
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.tokenizer.path or tokenizer_dir_for(cfg.model.path))
     own_backend = backend is None
     if own_backend:
-        backend = make_rollout_backend_for_eval(cfg, tokenizer)
-    grader = Grader(num_workers=cfg.grader_workers, timeout_s=cfg.grader_timeout_s)
+        spec = RolloutSpec(cfg.decoding, resolve_token_ids(tokenizer, cfg.block_size), greedy=cfg.eval.greedy)
+        backend = make_eval_backend(spec, cfg.model.path, runtime=cfg.model, mesh=cfg.mesh, tokenizer=tokenizer,
+                                    work_dir=cfg.output_dir)
+    grader = Grader.from_config(cfg.grader)
     summaries = {}
     try:
         for name, questions in question_sets.items():
@@ -268,12 +278,14 @@ def run_evaluation(cfg: EvalConfig, *, backend=None, tokenizer=None) -> dict:
                     out.write(json.dumps({**record, "key": fingerprint}) + "\n")
                     out.flush()
 
-                records = evaluate_questions(backend, grader, questions, tokenizer, n=cfg.n, seed=cfg.seed,
-                                             think=cfg.think, questions_per_batch=cfg.questions_per_batch,
+                records = evaluate_questions(backend, grader, questions, tokenizer, n=cfg.eval.num_samples,
+                                             seed=cfg.seed, think=cfg.think,
+                                             questions_per_batch=cfg.eval.questions_per_batch,
                                              done=done, on_record=append, desc=name)
             summaries[name] = summarise(records)
             log.info("%s: accuracy %.1f%% ± %.1f over %d questions × %d samples", name,
-                     100 * summaries[name]["accuracy"], 100 * summaries[name]["stderr"], len(records), cfg.n)
+                     100 * summaries[name]["accuracy"], 100 * summaries[name]["stderr"], len(records),
+                     cfg.eval.num_samples)
     finally:
         grader.close()
         if own_backend:

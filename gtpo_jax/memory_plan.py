@@ -4,8 +4,8 @@ Per GPU, in bytes, from the model's exact parameter count and the config (`gpu:`
 - trainer: parameters, Adam's two moments and the gradients in `model.param_dtype`, sharded over the
   mesh's fsdp × tensor devices; plus the step's temporaries (`gpu.activation_gib`, or an estimate:
   with remat the saved layer inputs of one packed row plus one layer's recomputed working set);
-- engine (on `rollout.tensor_parallel` GPUs of every node): bf16 weights / tp, a runtime reserve
-  (CUDA context, kernels' workspace, CUDA graphs), and the KV cache: `rollout.cache_max_entry_count`
+- engine (on `decoding.lmdeploy.tensor_parallel` GPUs of every node): bf16 weights / tp, a runtime reserve
+  (CUDA context, kernels' workspace, CUDA graphs), and the KV cache: `decoding.lmdeploy.cache_max_entry_count`
   of the memory still free once the weights are in, which LMDeploy turns into tokens.
 
 `split`: JAX holds `gpu.trainer_fraction` of the GPU for the whole run (preallocated), the engine the
@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import math
 import os
 import sys
 
+import jax
 from jax._src import xla_bridge
 
 from gtpo_jax.config import Config
@@ -58,7 +60,7 @@ def kv_bytes_per_token(model_cfg: ModelConfig, tp: int, dtype_bytes: int = 2) ->
 def trainer_row_tokens(cfg: Config) -> int:
     """Tokens of one packed training row (what one device processes per micro-batch, at least)."""
     if cfg.stage == "gtpo":
-        return gtpo_row_len(cfg.block_size, cfg.rollout.max_new_tokens, PROMPT_TOKENS)
+        return gtpo_row_len(cfg.block_size, cfg.decoding.max_new_tokens, PROMPT_TOKENS)
     return cfg.train.row_len or cfg.data.max_len * 2
 
 
@@ -109,7 +111,8 @@ class MemoryPlan:
 
 def plan_memory(cfg: Config, model_cfg: ModelConfig, *, gpu_bytes: int, num_devices: int) -> MemoryPlan:
     """The per-GPU budget of `cfg` for a model of `model_cfg` on `num_devices` GPUs in all (trainer mesh)."""
-    g, r = cfg.gpu, cfg.rollout
+    g, r = cfg.gpu, cfg.decoding
+    engine = r.lmdeploy
     n_params = param_count(model_cfg)
     mesh = cfg.mesh
     data = mesh.data
@@ -122,7 +125,7 @@ def plan_memory(cfg: Config, model_cfg: ModelConfig, *, gpu_bytes: int, num_devi
     acts = int(g.activation_gib * GIB) if g.activation_gib else activation_estimate(cfg, model_cfg)
     persistent = params + optimizer
     trainer_peak = persistent + grads + acts
-    tp = r.tensor_parallel
+    tp = engine.tensor_parallel
     engine_weights = n_params * 2 // tp  # bf16 (rollouts in the trainer's compute dtype)
     engine_runtime = int(ENGINE_RUNTIME_GIB * GIB)
     jax_runtime = int(JAX_RUNTIME_GIB * GIB)
@@ -132,7 +135,7 @@ def plan_memory(cfg: Config, model_cfg: ModelConfig, *, gpu_bytes: int, num_devi
     else:  # sleep: the engine starts (and wakes) while JAX holds only parameters and optimizer state
         trainer_budget = gpu_bytes - jax_runtime
         engine_free = gpu_bytes - jax_runtime - persistent - engine_weights - engine_runtime
-    kv = max(int(r.cache_max_entry_count * engine_free), 0)
+    kv = max(int(engine.cache_max_entry_count * engine_free), 0)
     kv_tokens = kv // kv_bytes_per_token(model_cfg, tp)
     block = cfg.block_size
     rollout_tokens = round_up(PROMPT_TOKENS + r.max_new_tokens, block)
@@ -157,14 +160,14 @@ def plan_memory(cfg: Config, model_cfg: ModelConfig, *, gpu_bytes: int, num_devi
             fixes.append(f"the trainer needs {trainer_peak / GIB:.1f} GiB per GPU, more than the GPU holds: shard it over "
                          "more devices (mesh.fsdp, more nodes), use model.remat=full, or fewer tokens per micro-batch")
     if kv_tokens < rollout_tokens:
-        want = rollout_tokens * kv_bytes_per_token(model_cfg, tp) / r.cache_max_entry_count
+        want = rollout_tokens * kv_bytes_per_token(model_cfg, tp) / engine.cache_max_entry_count
         if g.sharing == "split":
             room = (gpu_bytes - jax_runtime - engine_weights - engine_runtime - want) / gpu_bytes
             hint = (f"lower gpu.trainer_fraction to <= {math.floor(room * 100) / 100}, " if room > 0 else "")
         else:
             hint = ""
         fixes.append(f"the engine's KV cache holds {kv_tokens} tokens, less than one rollout ({rollout_tokens}): "
-                     f"{hint}raise rollout.tensor_parallel (now {tp}) or rollout.cache_max_entry_count, "
+                     f"{hint}raise decoding.lmdeploy.tensor_parallel (now {tp}) or decoding.lmdeploy.cache_max_entry_count, "
                      "or use gpu.sharing=sleep")
     per_step = cfg.gtpo.num_task_per_step * cfg.gtpo.num_response_per_task
     return MemoryPlan(g.sharing, gpu_bytes, rows, trainer_peak, trainer_budget, kv, kv_tokens, rollout_tokens,
@@ -180,10 +183,23 @@ def _jax_backend_started() -> bool:
     return bool(started and started())
 
 
+def startup_plan(cfg: Config, model_cfg: ModelConfig) -> MemoryPlan:
+    """The GPU memory plan of an LMDeploy run on the devices torch sees: logged, and checked unless
+    gpu.check=false (before the policy is exported or an engine started)."""
+    import torch  # LMDeploy's GPU-only dependency, imported lazily: only LMDeploy runs ask the GPU's size
+
+    gpu_bytes = int(cfg.gpu.memory_gib * GIB) or torch.cuda.mem_get_info()[1]
+    plan = plan_memory(cfg, model_cfg, gpu_bytes=gpu_bytes, num_devices=jax.device_count())
+    logging.getLogger("gtpo_jax").info("%s", plan.table())
+    if cfg.gpu.check:
+        plan.check()
+    return plan
+
+
 def set_jax_memory_env(cfg: Config, environ=os.environ) -> dict[str, str]:
-    """Set JAX's GPU allocator variables for `gpu.sharing` (rollout.backend=lmdeploy only); they take
+    """Set JAX's GPU allocator variables for `gpu.sharing` (decoding.backend=lmdeploy only); they take
     effect only if JAX has not started a backend yet. Returns what was set; refuses a conflicting value."""
-    if cfg.rollout.backend != "lmdeploy":
+    if cfg.decoding.backend != "lmdeploy":
         return {}
     want = ({"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{cfg.gpu.trainer_fraction:.3f}"} if cfg.gpu.sharing == "split"
             else {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "XLA_PYTHON_CLIENT_ALLOCATOR": "platform"})

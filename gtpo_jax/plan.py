@@ -29,17 +29,19 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gtpo_jax.config import Config
 from gtpo_jax.config_loader import load_config
+from gtpo_jax.data.tokenizer import TokenIds
 from gtpo_jax.layout import gtpo_row_len, pack, sft_layout, trajectory_layout
 from gtpo_jax.losses import target_logprobs
 from gtpo_jax.memory_plan import planned_model_config
 from gtpo_jax.model import ModelConfig, SDARModel
+from gtpo_jax.model.config import runtime_options
 from gtpo_jax.plan_costs import ACCELERATORS, count_matmuls, fsdp_comm_bytes, original_layout, visible_tile_fraction
 from gtpo_jax.plan_report import ROOFLINE_NOTE, ProgramPlan, gib, extrapolate, largest_arrays, report
 from gtpo_jax.rounding import round_up
 from gtpo_jax.sampling.sampler import BlockDiffusionSampler, SamplerConfig, _generate, _Static
-from gtpo_jax.sharding import BATCH_AXES, MeshConfig, build_mesh, optimizer_shardings, param_shardings
+from gtpo_jax.sharding import BATCH_AXES, build_mesh, optimizer_shardings, param_shardings
 from gtpo_jax.trainers.batching import _bucket
-from gtpo_jax.trainers.common import make_optimizer, make_update_step, runtime_model_options
+from gtpo_jax.trainers.common import make_optimizer, make_update_step
 from gtpo_jax.trainers.gtpo_objective import gtpo_loss_fn
 from gtpo_jax.trainers.sft import sft_loss_fn, sft_row_len
 
@@ -105,17 +107,17 @@ def sft_shape(cfg: Config, data_parallel: int, prompt_len: int) -> StepShape:
 
 
 def gtpo_shape(cfg: Config, data_parallel: int, prompt_len: int) -> StepShape:
-    """Every response at rollout.max_new_tokens with one token committed per forward (the most
+    """Every response at decoding.max_new_tokens with one token committed per forward (the most
     noisy copies a response can have), one response per row."""
     g, b = cfg.gtpo, cfg.block_size
     per_update = g.num_task_per_step * g.num_response_per_task // g.mini_batches
     micro = min(cfg.train.micro_batches, per_update)
     per_micro = -(-per_update // micro)
-    new = cfg.rollout.max_new_tokens
+    new = cfg.decoding.max_new_tokens
     rng = np.random.default_rng(0)
     lay = trajectory_layout(rng.integers(1, 100, prompt_len), rng.integers(1, 100, new), np.arange(1, new + 1),
                             block_size=b, mask_id=0, shrink=g.shrink)
-    row_len = gtpo_row_len(cfg.block_size, cfg.rollout.max_new_tokens, prompt_len)
+    row_len = gtpo_row_len(cfg.block_size, cfg.decoding.max_new_tokens, prompt_len)
     frac = visible_tile_fraction(pack([lay], block_size=b, row_len=row_len),
                                  cfg.model.attn_q_tile, cfg.model.attn_kv_tile)
     return StepShape(micro, round_up(per_micro, data_parallel), row_len,
@@ -216,10 +218,9 @@ def plan_scorer(cfg: Config, graphdef, params, mesh, shape: StepShape) -> Progra
 
 def plan_sampler(cfg: Config, graphdef, params, mesh, model_cfg: ModelConfig, prompt_len: int,
                  per_device: int) -> ProgramPlan:
-    r, b = cfg.rollout, cfg.block_size
-    sampler_cfg = SamplerConfig(block_size=b, mask_id=model_cfg.vocab_size - 1, stop_ids=(0,), strategy=r.strategy,
-                                denoising_steps=r.denoising_steps, threshold=r.threshold, temperature=r.temperature,
-                                top_k=r.top_k, top_p=r.top_p, max_new_tokens=r.max_new_tokens)
+    r, b = cfg.decoding, cfg.block_size
+    ids = TokenIds(block_size=b, mask_id=model_cfg.vocab_size - 1, pad_id=0, stop_ids=(0,))  # shapes only
+    sampler_cfg = SamplerConfig.of(r, ids)
     sampler = BlockDiffusionSampler(nnx.merge(graphdef, params), sampler_cfg, mesh=mesh)
     pb, cache_len = sampler._buckets(prompt_len)
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -294,8 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     _ensure_fake_devices(n, argv)
-    model_cfg, source = planned_model_config(cfg, fallback=args.preset, **runtime_model_options(cfg))
-    mesh = build_mesh(MeshConfig(**dataclasses.asdict(cfg.mesh)), devices=jax.devices()[:n])
+    model_cfg, source = planned_model_config(cfg, fallback=args.preset, **runtime_options(cfg.model))
+    mesh = build_mesh(cfg.mesh, devices=jax.devices()[:n])
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     print(source)
     print(f"mesh {dict(mesh.shape)} on {n} fake CPU devices; {model_cfg.param_dtype} master weights, "

@@ -37,11 +37,12 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
 
 @dataclasses.dataclass
 class MeshConfig:
-    """Sizes of the mesh axes; one of them may be -1 to take all remaining devices."""
+    """Sizes of the mesh axes (the config tree's `mesh:` section); one of them may be -1 to take all
+    remaining devices."""
 
-    data: int = 1
-    fsdp: int = -1
-    tensor: int = 1
+    data: int = 1  # devices along the pure data-parallel mesh axis
+    fsdp: int = -1  # devices along the parameter-sharded data axis; -1 = all the devices left
+    tensor: int = 1  # devices along the tensor-parallel axis (heads, MLP width)
 
 
 def build_mesh(cfg: MeshConfig | None = None, devices=None) -> Mesh:

@@ -58,6 +58,7 @@ def run_jax(mode: str, length: int, steps: int) -> dict:
     from gtpo_jax.model import ModelConfig, init_model
     from gtpo_jax.trainers.common import make_optimizer, make_update_step
     from gtpo_jax.trainers.gtpo_objective import ScoredRollout, build_gtpo_batch, gtpo_loss_fn
+    from gtpo_jax.data.tokenizer import TokenIds
     from gtpo_jax.trainers.sft import build_sft_batch, sft_layouts, sft_loss_fn
 
     cfg = Config(stage=mode)
@@ -71,7 +72,8 @@ def run_jax(mode: str, length: int, steps: int) -> dict:
     opt_state = tx.init(params)
     prompt, response, step_map = synthetic_rollout(length)
     if mode == "sft":
-        layouts = sft_layouts([(prompt, response)], cfg, mask_id=MASK, pad_id=0, step=0)
+        ids = TokenIds(block_size=cfg.block_size, mask_id=MASK, pad_id=0, stop_ids=())
+        layouts = sft_layouts([(prompt, response)], cfg, ids, step=0)
         cfg.train.row_len = -(-layouts[0].length // 512) * 512
         batch, _ = build_sft_batch(layouts, cfg)
         loss_fn = sft_loss_fn(cfg.train.vocab_chunk)

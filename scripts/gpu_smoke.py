@@ -137,6 +137,7 @@ def check_sharded_sft(ctx) -> str:
     import numpy as np
 
     from gtpo_jax.config import Config
+    from gtpo_jax.data.tokenizer import TokenIds
     from gtpo_jax.trainers.sft import build_sft_batch, sft_layouts, sft_loss_fn
 
     def batch_fn():
@@ -144,7 +145,8 @@ def check_sharded_sft(ctx) -> str:
         cfg.data.synthetic, cfg.data.max_len, cfg.train.micro_batches, cfg.train.vocab_chunk = True, 24, 2, 32
         rng = np.random.default_rng(0)
         samples = [(rng.integers(3, 96, 5 + i).tolist(), rng.integers(3, 96, 9 + i).tolist()) for i in range(8)]
-        return build_sft_batch(sft_layouts(samples, cfg, mask_id=1, pad_id=2, step=0), cfg,
+        ids = TokenIds(block_size=cfg.block_size, mask_id=1, pad_id=2, stop_ids=())
+        return build_sft_batch(sft_layouts(samples, cfg, ids, step=0), cfg,
                                rows_multiple=ctx["gpus"])[0]
 
     return _compare_sharded(sft_loss_fn(32), batch_fn, ctx)
@@ -176,17 +178,20 @@ def check_lmdeploy_vs_jax(ctx) -> str:
     import numpy as np
 
     from gtpo_jax.checkpoint import load_model
-    from gtpo_jax.config import RolloutSection
+    from gtpo_jax.data.tokenizer import TokenIds
+    from gtpo_jax.rollout import RolloutSpec
     from gtpo_jax.rollout.jax_backend import JaxRollout
     from gtpo_jax.rollout.lmdeploy_backend import SDAR_MASK_TOKEN, LMDeployRollout
+    from gtpo_jax.sampling import DecodingConfig, LMDeployEngineSection
 
-    stop, mask = [SDAR_MASK_TOKEN + 1], SDAR_MASK_TOKEN
-    rc = RolloutSection(backend="lmdeploy", strategy="low_confidence_dynamic", threshold=0.3, max_new_tokens=24,
-                        cache_max_entry_count=CACHE_FRACTION)
+    stop, mask = (SDAR_MASK_TOKEN + 1,), SDAR_MASK_TOKEN
+    rc = DecodingConfig(backend="lmdeploy", strategy="low_confidence_dynamic", threshold=0.3, max_new_tokens=24,
+                        lmdeploy=LMDeployEngineSection(cache_max_entry_count=CACHE_FRACTION))
     jax_model = load_model(ctx["policy_dir"], param_dtype="bfloat16", dtype="bfloat16")
-    jx = JaxRollout.from_config(jax_model, None, rc, block_size=4, greedy=True, stop_ids=stop, mask_id=mask)
-    ld = LMDeployRollout(ctx["policy_dir"], block_size=4, rollout_cfg=rc, stop_ids=stop, mask_id=mask,
-                         model_cfg=ctx["model_cfg"], greedy=True, weight_sync="inplace", dtype="bfloat16")
+    spec = RolloutSpec(rc, TokenIds(block_size=4, mask_id=mask, pad_id=mask, stop_ids=stop), ctx["model_cfg"],
+                       greedy=True)
+    jx = JaxRollout.from_spec(spec, jax_model)
+    ld = LMDeployRollout(ctx["policy_dir"], spec, weight_sync="inplace", dtype="bfloat16")
     ctx.update(engine=ld, rollout_cfg=rc, prompts=[[11, 12, 13, 14, 15, 16], [21, 22, 23, 24]])
     a, b = jx.generate(ctx["prompts"], 1, seed=0), ld.generate(ctx["prompts"], 1, seed=0)
     ctx["before"] = b
@@ -229,7 +234,7 @@ def check_memory_plan(ctx) -> str:
     total = torch.cuda.mem_get_info()[1]
     limit = jax.devices()[0].memory_stats().get("bytes_limit", 0)
     assert abs(limit - TRAINER_FRACTION * total) <= 0.02 * total, (limit, total)
-    cfg = Config(stage="gtpo", block_size=4, rollout=ctx["rollout_cfg"])
+    cfg = Config(stage="gtpo", block_size=4, decoding=ctx["rollout_cfg"])
     cfg.gpu.trainer_fraction = TRAINER_FRACTION
     plan = plan_memory(cfg, ctx["model_cfg"], gpu_bytes=total, num_devices=1)
     got = engine_kv_tokens(ctx["engine"].engine)

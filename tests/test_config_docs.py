@@ -16,6 +16,8 @@ from gtpo_jax.config import Config
 from gtpo_jax.config_loader import ConfigError, dump_yaml, load_config
 from gtpo_jax.evaluate import EvalConfig
 from gtpo_jax.evaluate import main as evaluate_main
+from gtpo_jax.sampling import DecodingConfig
+from gtpo_jax.sampling.__main__ import main as sampling_main
 from gtpo_jax.trainers.session import TrainingSession
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,13 +34,14 @@ def leaf_keys(cls, prefix=""):
             yield prefix + f.name
 
 
-@pytest.mark.parametrize("cls, main", [(Config, train.main), (EvalConfig, evaluate_main)])
+@pytest.mark.parametrize("cls, main", [(Config, train.main), (EvalConfig, evaluate_main),
+                                       (DecodingConfig, sampling_main)])
 def test_help_lists_every_key_with_type_default_and_meaning(cls, main, capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     lines = capsys.readouterr().out.splitlines()
     keys = list(leaf_keys(cls))
-    assert len(keys) > 10
+    assert len(keys) > 10 if cls is not DecodingConfig else len(keys) > 5
     for key in keys:
         row = [i for i, line in enumerate(lines) if line.split() and line.split()[0] == key]
         assert row, f"--help does not list {key}"
@@ -51,6 +54,28 @@ def test_help_lists_every_key_with_type_default_and_meaning(cls, main, capsys):
         row = next(i for i, line in enumerate(lines) if line.split() and line.split()[0] == "optim.lr")
         assert lines[row].split()[1:] == ["float", "or", "null", "=", "null"]
         assert "sft 1e-5, gtpo 1e-6" in lines[row + 1]
+
+
+@pytest.mark.parametrize("cls, path, override, new_place", [
+    (Config, "gtpo_tiny.yaml", "rollout.temperature=0.7", "rollout.temperature is now decoding.temperature"),
+    (Config, "gtpo_tiny.yaml", "rollout.tensor_parallel=2",
+     "rollout.tensor_parallel is now decoding.lmdeploy.tensor_parallel"),
+    (Config, "gtpo_tiny.yaml", "rollout.jax_max_batch=8", "rollout.jax_max_batch is now decoding.jax.max_batch"),
+    (Config, "gtpo_tiny.yaml", "gtpo.grader_workers=4", "gtpo.grader_workers is now grader.workers"),
+    (EvalConfig, "eval_tiny.yaml", "n=8", "n is now eval.num_samples"),
+    (EvalConfig, "eval_tiny.yaml", "grader_timeout_s=5", "grader_timeout_s is now grader.timeout_s"),
+])
+def test_a_renamed_key_fails_naming_its_new_place(cls, path, override, new_place, capsys):
+    """An old key is never silently accepted (nor silently dropped): one error names where it went."""
+    with pytest.raises(ConfigError, match="renamed config key") as err:
+        load_config(cls, os.path.join(REPO, "configs", path), [override])
+    assert new_place in str(err.value)
+    main = train.main if cls is Config else evaluate_main
+    assert main(["--config", os.path.join(REPO, "configs", path), override]) == 2
+    assert new_place in capsys.readouterr().err
+    # a whole old section in a YAML file names the section's new place too
+    with pytest.raises(ConfigError, match="rollout is now decoding"):
+        load_config(cls, os.path.join(REPO, "configs", path), ["rollout={}"])
 
 
 def test_print_config_prints_the_resolved_config_and_exits(tmp_path, capsys):

@@ -28,8 +28,8 @@ def test_shipped_config_is_valid(path):
 def test_seed_recipes_carry_the_seed_settings():
     gtpo = load_config(Config, os.path.join(os.path.dirname(CONFIGS[0]), "gtpo_sdar8b.yaml"))
     assert (gtpo.gtpo.num_task_per_step, gtpo.gtpo.num_response_per_task) == (128, 8)
-    assert (gtpo.block_size, gtpo.rollout.max_new_tokens, gtpo.rollout.threshold) == (4, 8192, 0.9)
-    assert (gtpo.rollout.temperature, gtpo.rollout.top_k, gtpo.optim.lr) == (1.0, 50, 1e-6)
+    assert (gtpo.block_size, gtpo.decoding.max_new_tokens, gtpo.decoding.threshold) == (4, 8192, 0.9)
+    assert (gtpo.decoding.temperature, gtpo.decoding.top_k, gtpo.optim.lr) == (1.0, 50, 1e-6)
     sft = load_config(Config, os.path.join(os.path.dirname(CONFIGS[0]), "sft_sdar8b.yaml"))
     assert sft.block_size == 4 and sft.model.dtype == "bfloat16" and sft.data.max_len == 8192
 

@@ -15,9 +15,11 @@ import sys
 import numpy as np
 import pytest
 
+from gtpo_jax.config import EvalSection
 from gtpo_jax.data.records import read_rl_records
 from gtpo_jax.data.tokenizer import load_tokenizer, qwen3_tokenizer_dir
 from gtpo_jax.evaluate import EvalConfig, evaluate_questions, results_table, run_evaluation, summarise
+from gtpo_jax.rewards import GraderConfig
 from gtpo_jax.rewards import Grader
 from gtpo_jax.rollout.base import Rollout, RolloutBackend
 
@@ -147,7 +149,8 @@ def test_results_table():
 
 
 def eval_config(out_dir: str, **kw) -> EvalConfig:
-    cfg = EvalConfig(datasets=DATASETS, output_dir=str(out_dir), n=2, questions_per_batch=2, grader_workers=2, **kw)
+    cfg = EvalConfig(datasets=DATASETS, output_dir=str(out_dir), grader=GraderConfig(workers=2),
+                     eval=EvalSection(num_samples=2, greedy=False, questions_per_batch=2), **kw)
     cfg.tokenizer.path = qwen3_tokenizer_dir()
     return cfg
 

@@ -34,8 +34,8 @@ def overrides(out_dir, **extra) -> list[str]:
         "checkpoint.save_every": 1000,
         "checkpoint.export_hf": "false",
         "eval.enabled": "false",
-        "rollout.max_new_tokens": 4,
-        "rollout.temperature": 1.0,
+        "decoding.max_new_tokens": 4,
+        "decoding.temperature": 1.0,
         "gtpo.num_task_per_step": 8,
         "gtpo.num_response_per_task": 8,
         "gtpo.oversample": 2,
@@ -90,7 +90,7 @@ def test_speed_reward_raises_tokens_per_forward(tmp_path, monkeypatch):
     # A random model's confidences are ~0.006 (uniform over 192 tokens is 0.005): at threshold
     # 0.01 it almost never commits two slots in one forward; a sharper policy does.
     recs = run(tmp_path, monkeypatch, tokens_per_forward_reward,
-               **{"train.steps": 6, "rollout.threshold": 0.01, "rollout.max_new_tokens": 8})
+               **{"train.steps": 6, "decoding.threshold": 0.01, "decoding.max_new_tokens": 8})
     tpf = [r["tokens_per_forward"] for r in recs]
     print("tokens per forward per step", np.round(tpf, 3).tolist())
     assert tpf[0] < 1.05 and tpf[-1] > 1.4, tpf

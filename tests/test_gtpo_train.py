@@ -28,7 +28,7 @@ def tiny_overrides(out_dir, **extra) -> list[str]:
         "checkpoint.save_every": 2,
         "checkpoint.export_hf": "false",
         "eval.enabled": "false",
-        "rollout.max_new_tokens": 16,
+        "decoding.max_new_tokens": 16,
         "gtpo.num_task_per_step": 2,
         "gtpo.num_response_per_task": 4,
         "gtpo.dynamic_sampling": "false",

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from gtpo_jax.config import Config
+from gtpo_jax.data.tokenizer import TokenIds
 from gtpo_jax.model import ModelConfig, init_model
 from gtpo_jax.rollout.base import Rollout
 from gtpo_jax.trainers.common import make_update_step
@@ -27,7 +28,7 @@ class RecordingSession:
     def __init__(self, model, cfg):
         g = cfg.gtpo
         self.graphdef, self.params = nnx.split(model)
-        self.mask_id, self.data_parallel = MASK, 1
+        self.ids, self.data_parallel = TokenIds(block_size=B, mask_id=MASK, pad_id=MASK, stop_ids=()), 1
         loss_fn = gtpo_loss_fn(eps_low=g.eps_low, eps_high=g.eps_high, beta=0.0,
                                use_old_logprobs=g.num_iterations > 1, tis_cap=g.tis_cap, vocab_chunk=32,
                                tis_from_exact_old=g.shrink > 1)
@@ -48,7 +49,7 @@ class RecordingSession:
 def gtpo_config(**gtpo):
     cfg = Config(stage="gtpo")
     cfg.block_size = B
-    cfg.rollout.max_new_tokens = 16
+    cfg.decoding.max_new_tokens = 16
     cfg.train.micro_batches = 2
     cfg.train.vocab_chunk = 32
     for k, v in gtpo.items():
@@ -103,7 +104,7 @@ def test_minibatches_iterations_shrink_and_importance_weight_match_direct():
 
 def test_missing_rollout_logprobs_with_importance_weight_is_an_error():
     cfg = gtpo_config(tis_cap=2.0)
-    cfg.rollout.backend = "lmdeploy"
+    cfg.decoding.backend = "lmdeploy"
     groups, _ = groups_with_an_empty_response(np.random.default_rng(5))
     groups[1].rollouts[2].logprobs = None
     with pytest.raises(ValueError, match="lmdeploy.*returned none for 1 .* of 8"):

@@ -212,25 +212,29 @@ def test_missing_lmdeploy(monkeypatch):
 
 
 def test_missing_gpu(monkeypatch):
-    from gtpo_jax.config import RolloutSection
+    from gtpo_jax.data.tokenizer import TokenIds
+    from gtpo_jax.rollout import RolloutSpec
+    from gtpo_jax.sampling import DecodingConfig
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ids = TokenIds(block_size=4, mask_id=lb.SDAR_MASK_TOKEN, pad_id=lb.SDAR_MASK_TOKEN, stop_ids=(1,))
     with pytest.raises(lb.LMDeployUnavailableError, match="needs a CUDA GPU"):
-        lb.LMDeployRollout("/nonexistent", block_size=4, rollout_cfg=RolloutSection(backend="lmdeploy"),
-                           stop_ids=[1], mask_id=lb.SDAR_MASK_TOKEN)
+        lb.LMDeployRollout("/nonexistent", RolloutSpec(DecodingConfig(backend="lmdeploy"), ids))
 
 
-def test_generation_config_maps_rollout_section():
-    from gtpo_jax.config import RolloutSection
+def test_generation_config_maps_the_decoding_section():
+    from gtpo_jax.sampling import DecodingConfig, LMDeployEngineSection
 
     be = object.__new__(lb.LMDeployRollout)  # no engine: only the config mapping
-    be.cfg = RolloutSection(backend="lmdeploy", strategy="low_confidence_static", denoising_steps=2, threshold=0.7,
-                            temperature=0.6, top_k=20, top_p=0.95, max_new_tokens=64, min_new_tokens=8)
+    be.cfg = DecodingConfig(backend="lmdeploy", strategy="low_confidence_static", denoising_steps=2, threshold=0.7,
+                            temperature=0.6, top_k=20, top_p=0.95, max_new_tokens=64, min_new_tokens=8,
+                            lmdeploy=LMDeployEngineSection(tensor_parallel=2, cache_max_entry_count=0.5))
     be.block_size, be.stop_ids, be.greedy, be.dtype = 4, [5, 6], False, "bfloat16"
     ec, gc = be.engine_config(), be.generation_config(seed=3)
     assert (ec.dllm_block_length, ec.dllm_unmasking_strategy, ec.dllm_denoising_steps,
             ec.dllm_confidence_threshold, ec.logprobs_mode, ec.enable_mp_engine, ec.dtype) == (
         4, "low_confidence_static", 2, 0.7, "raw_logprobs", False, "bfloat16")
+    assert (ec.tp, ec.cache_max_entry_count) == (2, 0.5)
     assert (gc.temperature, gc.top_k, gc.top_p, gc.max_new_tokens, gc.min_new_tokens, gc.stop_token_ids,
             gc.random_seed, gc.logprobs) == (0.6, 20, 0.95, 64, 8, [5, 6], 3, 1)
     be.greedy = True
@@ -244,18 +248,21 @@ def test_gpu_parity_with_jax_sampler_and_inplace_update(tmp_path):
     import jax
 
     from gtpo_jax.checkpoint import load_model
-    from gtpo_jax.config import RolloutSection
+    from gtpo_jax.data.tokenizer import TokenIds
+    from gtpo_jax.rollout import RolloutSpec
     from gtpo_jax.rollout.jax_backend import JaxRollout
+    from gtpo_jax.sampling import DecodingConfig, LMDeployEngineSection
 
     src = tmp_path / "model"
     write_tiny_hf_checkpoint(str(src), tie=True, vocab_size=lb.SDAR_MASK_TOKEN + 16)
     stop, mask = [lb.SDAR_MASK_TOKEN + 1], lb.SDAR_MASK_TOKEN
-    rc = RolloutSection(backend="lmdeploy", strategy="low_confidence_dynamic", threshold=0.3, temperature=1.0,
-                        max_new_tokens=24, cache_max_entry_count=0.2)
+    decoding = DecodingConfig(backend="lmdeploy", strategy="low_confidence_dynamic", threshold=0.3, temperature=1.0,
+                              max_new_tokens=24, lmdeploy=LMDeployEngineSection(cache_max_entry_count=0.2))
     model = load_model(str(src), param_dtype="bfloat16", dtype="bfloat16")  # both engines in bf16
-    jx = JaxRollout.from_config(model, None, rc, block_size=4, greedy=True, stop_ids=stop, mask_id=mask)
-    ld = lb.LMDeployRollout(str(src), block_size=4, rollout_cfg=rc, stop_ids=stop, mask_id=mask,
-                            model_cfg=model.cfg, greedy=True, weight_sync="inplace", dtype="bfloat16")
+    spec = RolloutSpec(decoding, TokenIds(block_size=4, mask_id=mask, pad_id=mask, stop_ids=tuple(stop)), model.cfg,
+                       greedy=True)
+    jx = JaxRollout.from_spec(spec, model)
+    ld = lb.LMDeployRollout(str(src), spec, weight_sync="inplace", dtype="bfloat16")
     try:
         prompts = [[11, 12, 13, 14, 15, 16], [21, 22, 23, 24]]
         a, b = jx.generate(prompts, 1, seed=0), ld.generate(prompts, 1, seed=0)

@@ -24,6 +24,7 @@ except ImportError:
     sys.modules["xgrammar"] = mock.MagicMock(name="xgrammar")
 
 from gtpo_jax.export_dir import EXPORT_MARKER  # noqa: E402
+from gtpo_jax.memory_plan import MemoryPlanError, startup_plan  # noqa: E402
 from gtpo_jax.rollout import lmdeploy_backend as lb  # noqa: E402
 
 
@@ -105,18 +106,21 @@ def test_engine_dtype_is_the_trainers_and_checked_after_start():
         lb.check_engine_dtype(_FakeEngine(torch.float16), "bfloat16")
 
 
-def _gtpo_session(tmp_path):
+def _policy(tmp_path, cfg):
+    """What the trainer hands the LMDeploy factory: a spec (bf16 compute, fp32 master weights) and the
+    policy's parameters; its HF assets directory holds a tokenizer file and no config.json."""
     from flax import nnx
 
+    from gtpo_jax.data.tokenizer import TokenIds
     from gtpo_jax.model import ModelConfig, init_model
+    from gtpo_jax.rollout import RolloutSpec
 
-    model = init_model(ModelConfig.tiny(vocab_size=96, tie_word_embeddings=False), seed=0)
+    model = init_model(ModelConfig.tiny(vocab_size=96, tie_word_embeddings=False, dtype=cfg.model.dtype), seed=0)
     tok = tmp_path / "tok"
     tok.mkdir()
     (tok / "tokenizer_config.json").write_text("{}")
-    return types.SimpleNamespace(params=nnx.state(model, nnx.Param), model_cfg=model.cfg, tokenizer_dir=str(tok),
-                                 tokenizer=None, stop_ids=[5], mask_id=lb.SDAR_MASK_TOKEN,
-                                 _source_hf_config=lambda: None)
+    ids = TokenIds(block_size=cfg.block_size, mask_id=lb.SDAR_MASK_TOKEN, pad_id=0, stop_ids=(5,))
+    return RolloutSpec(cfg.decoding, ids, model.cfg, hf_assets_dir=str(tok)), nnx.state(model, nnx.Param)
 
 
 def _gtpo_config(tmp_path, *overrides):
@@ -124,8 +128,8 @@ def _gtpo_config(tmp_path, *overrides):
     from gtpo_jax.config_loader import load_config
 
     cfg = load_config(Config, os.path.join(os.path.dirname(__file__), "..", "configs", "gtpo_tiny.yaml"),
-                      ["rollout.backend=lmdeploy", "model.dtype=bfloat16", f"output_dir={tmp_path / 'run'}",
-                       "rollout.tensor_parallel=1", *overrides])
+                      ["decoding.backend=lmdeploy", "model.dtype=bfloat16", f"output_dir={tmp_path / 'run'}",
+                       "decoding.lmdeploy.tensor_parallel=1", *overrides])
     cfg.validate()
     return cfg
 
@@ -149,7 +153,10 @@ def test_make_backend_starts_the_engine_on_a_bf16_export_and_keeps_no_copy(tmp_p
     monkeypatch.setattr(lb, "check_cuda", lambda: None)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (70 * 2**30, 80 * 2**30))
     monkeypatch.setattr(lb.LMDeployRollout, "_build_engine", build)
-    backend = lb.make_backend(_gtpo_config(tmp_path), _gtpo_session(tmp_path))
+    cfg = _gtpo_config(tmp_path)
+    spec, params = _policy(tmp_path, cfg)
+    backend = lb.make_backend(spec, params, work_dir=cfg.output_dir,
+                              check_memory=lambda: startup_plan(cfg, spec.model_cfg))
     assert seen["dtypes"] == {"BF16"} and seen["torch_dtype"] == "bfloat16" and seen["engine_dtype"] == "bfloat16"
     assert "model.safetensors" in seen["files"] and "tokenizer_config.json" in seen["files"]
     left = sorted(os.listdir(tmp_path / "run" / "lmdeploy_policy"))
@@ -159,12 +166,11 @@ def test_make_backend_starts_the_engine_on_a_bf16_export_and_keeps_no_copy(tmp_p
 
 
 def test_make_backend_refuses_a_memory_plan_that_cannot_fit_before_exporting(tmp_path, monkeypatch):
-    from gtpo_jax.memory_plan import MemoryPlanError
-
     monkeypatch.setattr(lb, "check_cuda", lambda: None)
     monkeypatch.setattr(lb.LMDeployRollout, "_build_engine", lambda self, d: pytest.fail("engine started"))
     # 5 GiB GPUs: JAX's half, its context and the engine's runtime reserve leave no KV cache
     cfg = _gtpo_config(tmp_path, "gpu.memory_gib=5")
+    spec, params = _policy(tmp_path, cfg)
     with pytest.raises(MemoryPlanError, match="DOES NOT FIT: the engine's KV cache holds 0 tokens"):
-        lb.make_backend(cfg, _gtpo_session(tmp_path))
+        lb.make_backend(spec, params, work_dir=cfg.output_dir, check_memory=lambda: startup_plan(cfg, spec.model_cfg))
     assert not (tmp_path / "run" / "lmdeploy_policy").exists()

@@ -36,7 +36,7 @@ def test_sdar8b_counts():
 
 
 def test_split_plan_of_the_8b_recipe_on_8x80gb():
-    cfg = recipe("gpu.sharing=split", "gpu.trainer_fraction=0.5", "gpu.activation_gib=20", "rollout.tensor_parallel=8")
+    cfg = recipe("gpu.sharing=split", "gpu.trainer_fraction=0.5", "gpu.activation_gib=20", "decoding.lmdeploy.tensor_parallel=8")
     plan = mp.plan_memory(cfg, ModelConfig.sdar_8b(), gpu_bytes=80 * GIB, num_devices=8)
     n = 8_190_735_360
     rows = {what.split(" (")[0]: b for what, b, _ in plan.rows}
@@ -53,7 +53,7 @@ def test_split_plan_of_the_8b_recipe_on_8x80gb():
 
 
 def test_trainer_too_big_for_its_fraction_is_refused_and_the_named_fix_works():
-    cfg = recipe("gpu.sharing=split", "gpu.trainer_fraction=0.3", "gpu.activation_gib=20", "rollout.tensor_parallel=8")
+    cfg = recipe("gpu.sharing=split", "gpu.trainer_fraction=0.3", "gpu.activation_gib=20", "decoding.lmdeploy.tensor_parallel=8")
     plan = mp.plan_memory(cfg, ModelConfig.sdar_8b(), gpu_bytes=80 * GIB, num_devices=8)
     assert not plan.ok
     with pytest.raises(mp.MemoryPlanError, match=r"raise it to >= 0\.(\d+)") as e:
@@ -65,7 +65,7 @@ def test_trainer_too_big_for_its_fraction_is_refused_and_the_named_fix_works():
 
 def test_engine_without_room_for_one_rollout_is_refused_and_the_named_fix_works():
     # tp=1: the whole bf16 model (15.3 GiB) on one GPU beside a trainer holding 75%
-    cfg = recipe("gpu.sharing=split", "gpu.trainer_fraction=0.75", "gpu.activation_gib=20", "rollout.tensor_parallel=1")
+    cfg = recipe("gpu.sharing=split", "gpu.trainer_fraction=0.75", "gpu.activation_gib=20", "decoding.lmdeploy.tensor_parallel=1")
     plan = mp.plan_memory(cfg, ModelConfig.sdar_8b(), gpu_bytes=80 * GIB, num_devices=8)
     assert plan.kv_tokens < plan.rollout_tokens
     with pytest.raises(mp.MemoryPlanError, match=r"lower gpu.trainer_fraction to <= (0\.\d+)") as e:
@@ -75,7 +75,7 @@ def test_engine_without_room_for_one_rollout_is_refused_and_the_named_fix_works(
 
 
 def test_sleep_gives_the_engine_what_the_trainer_does_not_hold_between_updates():
-    cfg = recipe("gpu.sharing=sleep", "gpu.activation_gib=20", "rollout.tensor_parallel=1")
+    cfg = recipe("gpu.sharing=sleep", "gpu.activation_gib=20", "decoding.lmdeploy.tensor_parallel=1")
     plan = mp.plan_memory(cfg, ModelConfig.sdar_8b(), gpu_bytes=80 * GIB, num_devices=8)
     n = 8_190_735_360
     persistent = 3 * (n * 4 // 8)
@@ -84,7 +84,7 @@ def test_sleep_gives_the_engine_what_the_trainer_does_not_hold_between_updates()
 
 
 def test_a_model_too_big_for_the_gpus_names_sharding():
-    cfg = recipe("gpu.activation_gib=20", "rollout.tensor_parallel=8")
+    cfg = recipe("gpu.activation_gib=20", "decoding.lmdeploy.tensor_parallel=8")
     plan = mp.plan_memory(cfg, ModelConfig.sdar_8b(), gpu_bytes=80 * GIB, num_devices=1)  # no FSDP
     with pytest.raises(mp.MemoryPlanError, match="more than the GPU holds: shard it"):
         plan.check()
@@ -100,7 +100,7 @@ def test_allocator_settings_follow_gpu_sharing(monkeypatch):
     env = {}
     mp.set_jax_memory_env(recipe("gpu.sharing=sleep"), env)
     assert env == {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "XLA_PYTHON_CLIENT_ALLOCATOR": "platform"}
-    assert mp.set_jax_memory_env(recipe("rollout.backend=jax"), {}) == {}  # the JAX sampler shares the trainer's memory
+    assert mp.set_jax_memory_env(recipe("decoding.backend=jax"), {}) == {}  # the JAX sampler shares the trainer's memory
     given = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5"}  # the same fraction, written differently: accepted
     assert mp.set_jax_memory_env(recipe("gpu.sharing=split", "gpu.trainer_fraction=0.5"), given)
     with pytest.raises(mp.MemoryPlanError, match="XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 is set in the environment"):

@@ -21,7 +21,7 @@ SFT = ["--config", "configs/sft_tiny.yaml", "model.preset_overrides={}", "data.s
        "optim.schedule=constant", "optim.lr=3e-3", "checkpoint.save_every=2", "checkpoint.async_save=false",
        "eval.enabled=false", "distributed.heartbeat_timeout_s=10"]
 GTPO = ["--config", "configs/gtpo_tiny.yaml", "model.path=null", "data.synthetic_train=200", "data.synthetic_eval=8",
-        "checkpoint.save_every=2", "checkpoint.export_hf=false", "eval.enabled=false", "rollout.max_new_tokens=16",
+        "checkpoint.save_every=2", "checkpoint.export_hf=false", "eval.enabled=false", "decoding.max_new_tokens=16",
         "gtpo.num_task_per_step=2", "gtpo.num_response_per_task=4", "gtpo.dynamic_sampling=false",
         "gtpo.reward_modules=[multihost_helpers]", "gtpo.rewards={accuracy: 1.0, digit_fraction: 1.0}",
         "optim.lr=1e-2"]

@@ -14,7 +14,7 @@ from gtpo_jax.config import Config
 from gtpo_jax.config_loader import load_config
 from gtpo_jax.memory_plan import planned_model_config
 from gtpo_jax.plan_costs import count_matmuls
-from gtpo_jax.trainers.common import runtime_model_options
+from gtpo_jax.model.config import runtime_options
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,7 +57,7 @@ def test_plan_that_does_not_fit_fails_naming_the_largest_arrays(tmp_path):
 
 def test_missing_model_path_plans_the_shipped_sdar_8b_config():
     cfg = load_config(Config, "configs/sft_sdar8b.yaml", ["model.path=/nonexistent/SDAR-8B-Chat"])
-    model_cfg, line = planned_model_config(cfg, fallback="sdar_8b", **runtime_model_options(cfg))
+    model_cfg, line = planned_model_config(cfg, fallback="sdar_8b", **runtime_options(cfg.model))
     assert "does not exist" in line and "sdar_8b" in line
     assert (model_cfg.hidden_size, model_cfg.num_layers, model_cfg.num_heads, model_cfg.num_kv_heads) == (4096, 36, 32, 8)
     assert (model_cfg.dtype, model_cfg.param_dtype, model_cfg.remat) == ("bfloat16", "float32", "full")

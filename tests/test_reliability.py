@@ -32,8 +32,8 @@ def gtpo_overrides(out_dir, **extra) -> list[str]:
         "output_dir": str(out_dir), "model.path": "null", "model.preset": "tiny",
         "data.synthetic_train": 64, "data.synthetic_eval": 4, "train.steps": 1,
         "checkpoint.save_every": 1, "checkpoint.export_hf": "false", "eval.enabled": "false",
-        "rollout.max_new_tokens": 8, "gtpo.num_task_per_step": 2, "gtpo.num_response_per_task": 2,
-        "gtpo.oversample": 1, "gtpo.grader_workers": 0,  # grading in this process: no worker start-up
+        "decoding.max_new_tokens": 8, "gtpo.num_task_per_step": 2, "gtpo.num_response_per_task": 2,
+        "gtpo.oversample": 1, "grader.workers": 0,  # grading in this process: no worker start-up
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
@@ -56,21 +56,21 @@ BAD_VALUES = [  # override, the allowed range the one-line error must state
     ("train.steps=0", "train.steps must be >= 1"),
     ("train.steps=-5", "train.steps must be >= 1"),
     ("optim.warmup_steps=-1", "optim.warmup_steps must be >= 0"),
-    ("rollout.threshold=1.5", "rollout.threshold must be [0, 1]"),
-    ("rollout.threshold=-1", "rollout.threshold must be [0, 1]"),
+    ("decoding.threshold=1.5", "decoding.threshold must be [0, 1]"),
+    ("decoding.threshold=-1", "decoding.threshold must be [0, 1]"),
     ("gtpo.eps_low=-0.5", "gtpo.eps_low must be [0, 1)"),
     ("gtpo.beta=-1", "gtpo.beta must be >= 0"),
     ("gtpo.rewards={accuracy: -1.0}", "gtpo.rewards.accuracy must be >= 0"),
-    ("rollout.temperature=0", "rollout.temperature must be > 0"),
-    ("rollout.top_p=0", "rollout.top_p must be (0, 1]"),
+    ("decoding.temperature=0", "decoding.temperature must be > 0"),
+    ("decoding.top_p=0", "decoding.top_p must be (0, 1]"),
     ("checkpoint.save_every=0", "checkpoint.save_every must be >= 1"),
-    ("gtpo.grader_timeout_s=0", "gtpo.grader_timeout_s must be > 0"),
+    ("grader.timeout_s=0", "grader.timeout_s must be > 0"),
     ("train.batch_size=0", "train.batch_size must be >= 1"),
     ("train.vocab_chunk=0", "train.vocab_chunk must be >= 1"),
     ("train.log_every=0", "train.log_every must be >= 1"),
     ("gtpo.num_task_per_step=0", "gtpo.num_task_per_step must be >= 1"),
     ("optim.lr=.nan", "optim.lr must be a finite number"),
-    ("rollout.min_new_tokens=99", "rollout.min_new_tokens (99) must be <= rollout.max_new_tokens (8)"),
+    ("decoding.min_new_tokens=99", "decoding.min_new_tokens (99) must be <= decoding.max_new_tokens (8)"),
 ]
 
 
@@ -327,7 +327,9 @@ class _BytesTokenizer:
 def test_evaluation_never_reuses_results_of_another_model_or_setting(tmp_path, caplog):
     from gtpo_jax.data.records import read_rl_records
     from gtpo_jax.data.tokenizer import chat_prompt
+    from gtpo_jax.config import EvalSection, ModelSection
     from gtpo_jax.evaluate import EvalConfig, run_evaluation
+    from gtpo_jax.rewards import GraderConfig
 
     dataset = os.path.join(os.path.dirname(__file__), "fixtures", "eval", "gsm8k.jsonl")
     answers = {chat_prompt(q.question, think=False): q.ground_truth for q in read_rl_records(dataset)}
@@ -337,11 +339,11 @@ def test_evaluation_never_reuses_results_of_another_model_or_setting(tmp_path, c
         models[name].mkdir()
         (models[name] / "config.json").write_text(json.dumps({"model": name}))
 
-    def evaluate(model, backend, **settings):
-        cfg = EvalConfig(datasets={"gsm8k": dataset}, output_dir=str(tmp_path / "eval"), grader_workers=0,
-                         grader_timeout_s=120,  # the first grade imports math-verify: slow on a busy machine
-                         **settings)
-        cfg.model.path = str(models[model])
+    def evaluate(model, backend, n=1):
+        cfg = EvalConfig(datasets={"gsm8k": dataset}, output_dir=str(tmp_path / "eval"),
+                         grader=GraderConfig(workers=0, timeout_s=120),  # the first grade imports math-verify: slow
+                         eval=EvalSection(num_samples=n, greedy=False, questions_per_batch=16),
+                         model=ModelSection(path=str(models[model])))
         return run_evaluation(cfg, backend=backend, tokenizer=_BytesTokenizer())["gsm8k"]
 
     assert evaluate("good", _FixedAnswerBackend(answers, right=True))["accuracy"] == 1.0
@@ -395,8 +397,8 @@ def test_boxed_extraction_keeps_its_meaning():
 def test_lmdeploy_gets_trust_remote_code_only_when_set(monkeypatch):
     pytest.importorskip("lmdeploy")
     engine_module = pytest.importorskip("lmdeploy.pytorch.engine")
-    from gtpo_jax.config import RolloutSection
     from gtpo_jax.rollout import lmdeploy_backend as lb
+    from gtpo_jax.sampling import DecodingConfig, LMDeployEngineSection
 
     seen = []
 
@@ -411,11 +413,11 @@ def test_lmdeploy_gets_trust_remote_code_only_when_set(monkeypatch):
     monkeypatch.setattr(lb, "check_engine_dtype", lambda engine, dtype: None)
     backend = object.__new__(lb.LMDeployRollout)  # no engine: only how it is built
     backend.dtype = "bfloat16"
-    backend.cfg, backend.block_size, backend.stop_ids, backend.greedy = RolloutSection(backend="lmdeploy"), 4, [1], False
-    with pytest.raises(RuntimeError, match=r"rollout\.trust_remote_code is false\. Set rollout\.trust_remote_code=true "
-                                           r"only if you trust that code"):
+    backend.cfg, backend.block_size, backend.stop_ids, backend.greedy = DecodingConfig(backend="lmdeploy"), 4, [1], False
+    with pytest.raises(RuntimeError, match=r"decoding\.lmdeploy\.trust_remote_code is false\. Set "
+                                           r"decoding\.lmdeploy\.trust_remote_code=true only if you trust that code"):
         backend._build_engine("/models/custom")
-    backend.cfg = RolloutSection(backend="lmdeploy", trust_remote_code=True)
+    backend.cfg = DecodingConfig(backend="lmdeploy", lmdeploy=LMDeployEngineSection(trust_remote_code=True))
     assert backend._build_engine("/models/custom") == "engine"
     assert seen == [False, True]
 

@@ -14,7 +14,7 @@ from flax import nnx
 
 from gtpo_jax.model import ModelConfig, TokenLayout, init_model
 from gtpo_jax.rollout.jax_backend import JaxRollout
-from gtpo_jax.sampling import BlockDiffusionSampler, SamplerConfig
+from gtpo_jax.sampling import BlockDiffusionSampler, JaxEngineSection, SamplerConfig
 from gtpo_jax.trajectory import token_logprobs
 
 B, MASK, VOCAB, LFIX = 4, 0, 97, 64
@@ -264,7 +264,7 @@ def test_seed_reproducible_and_batch_independent(model, prompts):
     assert flat(a) == flat(b) and flat(a) != flat(c)
     assert a[0][0].tokens.tolist() != a[0][1].tokens.tolist()  # samples of one prompt differ
     # a sub-batch budget splits the call without changing results
-    small = JaxRollout(model, config(greedy=False, temperature=1.0, max_batch=1))
+    small = JaxRollout(model, config(greedy=False, temperature=1.0, jax=JaxEngineSection(max_batch=1)))
     assert flat(small.generate(prompts[:2], 2, seed=11)) == flat(a)
 
 
@@ -272,7 +272,7 @@ def test_clear_errors(model):
     s = BlockDiffusionSampler(model, config(max_new_tokens=4090))
     with pytest.raises(ValueError, match="max_position_embeddings"):
         s.sample([[5] * 10], seed=0)
-    s = BlockDiffusionSampler(model, config(cache_gib=1e-6))
+    s = BlockDiffusionSampler(model, config(jax=JaxEngineSection(cache_gib=1e-6)))
     with pytest.raises(ValueError, match="cache_gib"):
         s.sample([[5] * 10], seed=0)
     with pytest.raises(ValueError, match="strategy"):

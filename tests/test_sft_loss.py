@@ -7,6 +7,7 @@ from flax import nnx
 
 from conftest import block_causal_additive_mask, write_tiny_hf_checkpoint
 from gtpo_jax.config import Config
+from gtpo_jax.data.tokenizer import TokenIds
 from gtpo_jax.hf_io import load_hf_model
 from gtpo_jax.trainers.sft import build_sft_batch, sft_layouts, sft_loss_fn
 
@@ -55,7 +56,8 @@ def test_sft_loss_matches_transformers(tmp_path, mask_sampling, copies, post_num
     cfg.masking.post_num = post_num
     cfg.train.micro_batches = 2
     cfg.train.vocab_chunk = 16
-    layouts = sft_layouts(samples, cfg, mask_id=MASK, pad_id=PAD, step=0)
+    ids = TokenIds(block_size=cfg.block_size, mask_id=MASK, pad_id=PAD, stop_ids=())
+    layouts = sft_layouts(samples, cfg, ids, step=0)
     arrays, stats = build_sft_batch(layouts, cfg)
     assert arrays["tokens"].shape[0] == 2  # two micro-batches
     loss_fn = sft_loss_fn(16)

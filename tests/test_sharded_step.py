@@ -6,6 +6,7 @@ import pytest
 from flax import nnx
 
 from gtpo_jax.config import Config
+from gtpo_jax.data.tokenizer import TokenIds
 from gtpo_jax.model import ModelConfig, init_model
 from gtpo_jax.sharding import MeshConfig, build_mesh, shard_micro_batches, shard_model
 from gtpo_jax.trainers.common import make_optimizer, make_update_step
@@ -21,7 +22,8 @@ def one_step(mesh=None):
     cfg.optim.lr = 1e-4  # Adam normalises tiny gradients: a large lr would amplify rounding noise
     rng = np.random.default_rng(0)
     samples = [(rng.integers(3, 96, 5 + i).tolist(), rng.integers(3, 96, 9 + i).tolist()) for i in range(8)]
-    layouts = sft_layouts(samples, cfg, mask_id=1, pad_id=2, step=0)
+    ids = TokenIds(block_size=cfg.block_size, mask_id=1, pad_id=2, stop_ids=())
+    layouts = sft_layouts(samples, cfg, ids, step=0)
     batch, _ = build_sft_batch(layouts, cfg, rows_multiple=8)
     model = init_model(ModelConfig.tiny(vocab_size=96, tie_word_embeddings=False), seed=0)
     if mesh is not None:

@@ -6,6 +6,7 @@ tokens; everything reads their ids from the tokenizer rather than hard-coding th
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 
@@ -78,6 +79,24 @@ def stop_token_ids(tokenizer) -> list[int]:
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(int(tokenizer.eos_token_id))
     return ids
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenIds:
+    """The ids every stage reads, resolved once per run (session or evaluator start) from the
+    tokenizer, with the block size the model was checked to use."""
+
+    block_size: int  # diffusion block size B
+    mask_id: int  # the mask token
+    pad_id: int  # fills rows after a sequence (the tokenizer's pad token, else the mask token)
+    stop_ids: tuple[int, ...]  # tokens that end a response
+
+
+def resolve_token_ids(tokenizer, block_size: int) -> TokenIds:
+    mask_id = mask_token_id(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else mask_id
+    return TokenIds(block_size=block_size, mask_id=mask_id, pad_id=int(pad_id),
+                    stop_ids=tuple(stop_token_ids(tokenizer)))
 
 
 def qwen3_tokenizer_dir() -> str:

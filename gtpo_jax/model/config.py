@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, Literal
 
 from gtpo_jax.model.presets import HF_PRESETS
 
@@ -39,8 +39,26 @@ def read_json_file(path: str | os.PathLike) -> Any:
                                "the file is damaged or was cut short: copy it again from the model's source") from None
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelRuntime:
+    """How a model runs, not what it is (no part of a checkpoint): one type for the config tree's
+    `model:` section and for `ModelConfig`, which both inherit these fields."""
+
+    param_dtype: Literal["float32", "bfloat16"] = "float32"  # dtype the parameters are stored and updated in
+    dtype: Literal["float32", "bfloat16"] = "float32"  # dtype of the forward computation (activations, matmuls)
+    # activation rematerialisation per decoder layer: none, full, or save only matmul outputs (dots)
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    attn_q_tile: int = 256  # query tile of the block-causal attention kernel (tokens)
+    attn_kv_tile: int = 256  # key/value tile of the block-causal attention kernel (tokens)
+
+
+def runtime_options(source: ModelRuntime) -> dict:
+    """The `ModelRuntime` fields of `source` (a config section or a ModelConfig) as keyword arguments."""
+    return {f.name: getattr(source, f.name) for f in dataclasses.fields(ModelRuntime)}
+
+
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(ModelRuntime):
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -55,12 +73,6 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     # Block diffusion: SDAR checkpoints do not always record it; None = not recorded.
     block_size: int | None = None
-    # Runtime choices, not part of the checkpoint.
-    param_dtype: str = "float32"
-    dtype: str = "float32"
-    remat: str = "none"
-    attn_q_tile: int = 256
-    attn_kv_tile: int = 256
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:

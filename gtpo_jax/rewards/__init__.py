@@ -14,9 +14,9 @@ from gtpo_jax.rewards.functions import (
     register_reward,
     registered_rewards,
 )
-from gtpo_jax.rewards.grading import Grader
+from gtpo_jax.rewards.grading import Grader, GraderConfig
 
 __all__ = [
-    "STATUSES", "GradeResult", "Grader", "RewardFunction", "RewardInput", "compute_rewards", "extract_boxed",
+    "STATUSES", "GradeResult", "Grader", "GraderConfig", "RewardFunction", "RewardInput", "compute_rewards", "extract_boxed",
     "get_reward", "grade_answer", "has_boxed", "register_reward", "registered_rewards",
 ]

@@ -15,6 +15,7 @@ while the caller carries on, and workers are reused across `grade` calls.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import multiprocessing.connection as mpc
 import os
@@ -106,6 +107,14 @@ class _ItemTimeout(BaseException):
     `except Exception` blocks cannot swallow it."""
 
 
+@dataclasses.dataclass
+class GraderConfig:
+    """The config tree's `grader:` section (training rewards and evaluation grade the same way)."""
+
+    workers: int = 2  # processes grading answers with math-verify; 0 = grade in the calling process
+    timeout_s: float = 10.0  # seconds before a grading counts as wrong (a timeout, counted)
+
+
 class Grader:
     """Grades (response text, ground truth) pairs; see the module docstring.
 
@@ -115,6 +124,10 @@ class Grader:
     under math-verify). `counts` accumulates statuses over the grader's life; `grade` returns
     results in input order and never raises for a bad item.
     """
+
+    @classmethod
+    def from_config(cls, config: GraderConfig) -> "Grader":
+        return cls(num_workers=config.workers, timeout_s=config.timeout_s)
 
     def __init__(self, num_workers: int = 2, timeout_s: float = 10.0, grade_fn: GradeFn = grade_answer):
         if num_workers < 0:

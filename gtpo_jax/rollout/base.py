@@ -1,5 +1,5 @@
-"""One interface for every rollout engine (JAX sampler, LMDeploy): generate groups of rollouts
-with step maps, and receive the trainer's new weights."""
+"""One interface for every rollout engine (JAX sampler, LMDeploy): built from a `RolloutSpec`,
+it generates groups of rollouts with step maps and receives the trainer's new weights."""
 
 from __future__ import annotations
 
@@ -9,7 +9,20 @@ from typing import Sequence
 
 import numpy as np
 
-from gtpo_jax.sampling import tokens_per_forward
+from gtpo_jax.data.tokenizer import TokenIds
+from gtpo_jax.model.config import ModelConfig
+from gtpo_jax.sampling import DecodingConfig, tokens_per_forward
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSpec:
+    """What a rollout engine is built from; the trainer (or the evaluator) constructs it."""
+
+    decoding: DecodingConfig  # the decoding rules and the engine sections
+    ids: TokenIds  # block size, mask / pad / stop ids of the run
+    model_cfg: ModelConfig | None = None  # the policy's architecture and dtypes (needed to push weights)
+    hf_assets_dir: str | None = None  # config.json + tokenizer files of the policy (LMDeploy's exports)
+    greedy: bool = False  # argmax decoding (evaluation)
 
 
 @dataclasses.dataclass

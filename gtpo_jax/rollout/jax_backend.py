@@ -9,9 +9,7 @@ from typing import Sequence
 import numpy as np
 from flax import nnx
 
-from gtpo_jax.config import RolloutSection
-from gtpo_jax.data.tokenizer import mask_token_id, stop_token_ids
-from gtpo_jax.rollout.base import Rollout, RolloutBackend
+from gtpo_jax.rollout.base import Rollout, RolloutBackend, RolloutSpec
 from gtpo_jax.sampling import BlockDiffusionSampler, SampleBatch, SamplerConfig
 
 
@@ -21,22 +19,9 @@ class JaxRollout(RolloutBackend):
         self.tokenizer = tokenizer  # decodes the responses' text (None: no text)
 
     @classmethod
-    def from_config(cls, model: nnx.Module, tokenizer, rollout_cfg: RolloutSection, *, block_size: int,
-                    greedy: bool = False, mesh=None, stop_ids: Sequence[int] | None = None,
-                    mask_id: int | None = None) -> "JaxRollout":
-        """Decoding rules from `rollout_cfg`; mask / stop ids from the tokenizer unless given.
-        Optional `jax_max_batch` / `jax_cache_gib` fields of the section bound one jitted call."""
-        c = rollout_cfg
-        config = SamplerConfig(
-            block_size=block_size,
-            mask_id=mask_token_id(tokenizer) if mask_id is None else mask_id,
-            stop_ids=tuple(stop_token_ids(tokenizer) if stop_ids is None else stop_ids),
-            strategy=c.strategy, denoising_steps=c.denoising_steps, threshold=c.threshold,
-            temperature=c.temperature, top_k=c.top_k, top_p=c.top_p, greedy=greedy,
-            max_new_tokens=c.max_new_tokens, min_new_tokens=c.min_new_tokens,
-            max_batch=getattr(c, "jax_max_batch", None) or None, cache_gib=getattr(c, "jax_cache_gib", None) or None,
-        )
-        return cls(model, config, tokenizer=tokenizer, mesh=mesh)
+    def from_spec(cls, spec: RolloutSpec, model: nnx.Module, *, tokenizer=None, mesh=None) -> "JaxRollout":
+        """`model` decodes under `spec`'s rules (`decoding.jax` bounds one jitted call)."""
+        return cls(model, SamplerConfig.of(spec.decoding, spec.ids, greedy=spec.greedy), tokenizer=tokenizer, mesh=mesh)
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int, *, seed: int) -> list[list[Rollout]]:
         """`n` rollouts per prompt, grouped by prompt (sample j of prompt i uses stream i·n + j)."""

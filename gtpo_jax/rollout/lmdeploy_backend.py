@@ -27,19 +27,17 @@ import logging
 import os
 import tempfile
 from types import SimpleNamespace
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
 
 from gtpo_jax.checkpoint import param_tree
 from gtpo_jax.conversion import orbax_to_hf
-from gtpo_jax.data.tokenizer import mask_token_id, stop_token_ids
 from gtpo_jax.distributed import barrier
-from gtpo_jax.hf_io import export_hf_dir, host_tensors, remove_weight_files
-from gtpo_jax.memory_plan import GIB, plan_memory
+from gtpo_jax.hf_io import export_hf_dir, host_tensors, read_hf_config, remove_weight_files
 from gtpo_jax.model.params import nnx_to_hf
-from gtpo_jax.rollout.base import Rollout, RolloutBackend
+from gtpo_jax.rollout.base import Rollout, RolloutBackend, RolloutSpec
 from gtpo_jax.rollout.lmdeploy_patch import (  # noqa: F401 - re-exported: the bridge's public names
     _PATCH_FLAG,
     _RECORDS,
@@ -95,7 +93,7 @@ def engine_dtype(compute_dtype: str) -> str:
     turns an fp32 checkpoint into float16)."""
     if compute_dtype not in ENGINE_DTYPES:
         raise ValueError(f"rollouts run in the trainer's compute dtype, but LMDeploy computes only in {ENGINE_DTYPES} "
-                         f"and model.dtype is {compute_dtype}; set model.dtype=bfloat16 or use rollout.backend=jax")
+                         f"and model.dtype is {compute_dtype}; set model.dtype=bfloat16 or use decoding.backend=jax")
     return compute_dtype
 
 
@@ -104,7 +102,7 @@ def check_engine_dtype(engine, want: str) -> None:
     got = str(getattr(engine.model_config, "dtype", "unknown")).removeprefix("torch.")
     if got != want:
         raise RuntimeError(f"LMDeploy started in {got}, not {want} (the trainer's compute dtype); the GPU may lack "
-                           f"{want} support, use rollout.backend=jax there")
+                           f"{want} support, use decoding.backend=jax there")
 
 
 def engine_kv_tokens(engine) -> int | None:
@@ -123,22 +121,22 @@ class LMDeployRollout(RolloutBackend):
     `sleep_during_update`: `pause()` puts the engine to sleep (level 2: weights and KV cache freed)
     and the next `update_params` wakes it (weights, push, then KV cache)."""
 
-    def __init__(self, model_dir: str, *, block_size: int, rollout_cfg, stop_ids: Sequence[int], mask_id: int,
-                 model_cfg=None, tokenizer=None, greedy: bool = False, weight_sync: str = "auto",
-                 export_dir: str | None = None, source_config: Mapping[str, Any] | None = None,
-                 assets_dir: str | None = None, dtype: str = "bfloat16", sleep_during_update: bool = False):
+    def __init__(self, model_dir: str, spec: RolloutSpec, *, tokenizer=None, weight_sync: str = "auto",
+                 export_dir: str | None = None, dtype: str = "bfloat16", sleep_during_update: bool = False):
         check_lmdeploy()
         check_cuda()
+        mask_id = spec.ids.mask_id
         if mask_id != SDAR_MASK_TOKEN:
             raise ValueError(f"LMDeploy 0.18 uses mask token id {SDAR_MASK_TOKEN} for SDAR models, but the tokenizer's "
-                             f"mask id is {mask_id}; use rollout.backend=jax for this vocabulary")
+                             f"mask id is {mask_id}; use decoding.backend=jax for this vocabulary")
         if weight_sync not in ("auto", "inplace", "reload"):
             raise ValueError(f"weight_sync must be auto, inplace or reload, got {weight_sync!r}")
         install_step_map_patch()
-        self.model_dir, self.block_size, self.cfg = model_dir, block_size, rollout_cfg
-        self.stop_ids, self.mask_id, self.greedy = [int(s) for s in stop_ids], mask_id, greedy
-        self.model_cfg, self.tokenizer, self.weight_sync = model_cfg, tokenizer, weight_sync
-        self.export_dir, self.source_config, self.assets_dir = export_dir, source_config, assets_dir
+        self.model_dir, self.block_size, self.cfg = model_dir, spec.ids.block_size, spec.decoding
+        self.stop_ids, self.mask_id, self.greedy = [int(s) for s in spec.ids.stop_ids], mask_id, spec.greedy
+        self.model_cfg, self.tokenizer, self.weight_sync = spec.model_cfg, tokenizer, weight_sync
+        self.export_dir, self.assets_dir = export_dir, spec.hf_assets_dir
+        self.source_config = _source_config(spec.hf_assets_dir)
         self.dtype, self.sleep_during_update, self.asleep = engine_dtype(dtype), sleep_during_update, False
         self._sessions = itertools.count(1 << 20)
         self._loop = asyncio.new_event_loop()
@@ -149,7 +147,7 @@ class LMDeployRollout(RolloutBackend):
 
         c = self.cfg
         return PytorchEngineConfig(
-            tp=c.tensor_parallel, cache_max_entry_count=c.cache_max_entry_count, enable_mp_engine=False,
+            tp=c.lmdeploy.tensor_parallel, cache_max_entry_count=c.lmdeploy.cache_max_entry_count, enable_mp_engine=False,
             dtype=self.dtype, logprobs_mode="raw_logprobs", dllm_block_length=self.block_size,
             dllm_unmasking_strategy=c.strategy, dllm_denoising_steps=c.denoising_steps,
             dllm_confidence_threshold=c.threshold,
@@ -172,7 +170,7 @@ class LMDeployRollout(RolloutBackend):
     def _build_engine(self, model_dir: str):
         from lmdeploy.pytorch.engine import Engine  # GPU-only extra, imported lazily
 
-        trust = self.cfg.trust_remote_code
+        trust = self.cfg.lmdeploy.trust_remote_code
         try:
             engine = Engine.from_pretrained(model_dir, engine_config=self.engine_config(), trust_remote_code=trust)
         except Exception as e:  # noqa: BLE001 — re-raised, with the fix when it is the missing opt-in
@@ -180,7 +178,8 @@ class LMDeployRollout(RolloutBackend):
                 raise
             raise RuntimeError(
                 f"LMDeploy needs to run Python code shipped in {model_dir} (config.json's auto_map) to load this "
-                "model, and rollout.trust_remote_code is false. Set rollout.trust_remote_code=true only if you "
+                "model, and decoding.lmdeploy.trust_remote_code is false. Set "
+                "decoding.lmdeploy.trust_remote_code=true only if you "
                 f"trust that code. ({type(e).__name__}: {' '.join(str(e).split())[:300]})"
             ) from e
         check_engine_dtype(engine, self.dtype)
@@ -273,59 +272,48 @@ class LMDeployRollout(RolloutBackend):
 # --------------------------------------------------------------------------- factories (gtpo_jax.rollout)
 
 
-def startup_memory_plan(cfg, model_cfg):
-    """The GPU memory plan of this run on the devices torch sees; printed, and checked unless gpu.check=false."""
-    import torch  # GPU-only extra, imported lazily
-
-    gpu_bytes = int(cfg.gpu.memory_gib * GIB) or torch.cuda.mem_get_info()[1]
-    plan = plan_memory(cfg, model_cfg, gpu_bytes=gpu_bytes, num_devices=jax.device_count())
-    log.info("%s", plan.table())
-    if cfg.gpu.check:
-        plan.check()
-    return plan
+def _source_config(assets_dir: str | None) -> dict | None:
+    """The policy's HF config.json (fields the export keeps), when its assets directory holds one."""
+    if assets_dir and os.path.isfile(os.path.join(assets_dir, "config.json")):
+        return read_hf_config(assets_dir)
+    return None
 
 
-def make_backend(cfg, session) -> LMDeployRollout:
-    """Training: check the GPU memory plan, export the session's current policy once in the trainer's
-    compute dtype (every process gathers, process 0 writes), start this process's engine on it;
-    later steps push weights with `update_params`. The export's weight files are removed once every
-    engine has loaded them (config and tokenizer stay), so a run keeps no copy of the policy on disk."""
+def make_backend(spec: RolloutSpec, params, *, tokenizer=None, work_dir: str, sleep_during_update: bool = False,
+                 check_memory: Callable[[], Any] | None = None) -> LMDeployRollout:
+    """Training: export the current policy `params` once in the trainer's compute dtype
+    (`spec.model_cfg.dtype`; every process gathers, process 0 writes) to `<work_dir>/lmdeploy_policy`
+    with `spec.hf_assets_dir`'s config and tokenizer, start this process's engine on it; later steps
+    push weights with `update_params`. The export's weight files are removed once every engine has
+    loaded them (config and tokenizer stay), so a run keeps no copy of the policy on disk.
+    `check_memory()` (the trainer's GPU memory plan: raises when it cannot fit) runs before the export."""
     check_lmdeploy()
     check_cuda()
-    dtype = engine_dtype(cfg.model.dtype)
-    plan = startup_memory_plan(cfg, session.model_cfg)
-    source = session._source_hf_config() if hasattr(session, "_source_hf_config") else None
-    out = os.path.join(cfg.output_dir, "lmdeploy_policy")
-    export_hf_dir(param_tree(session.params), session.model_cfg, out, dtype=dtype, source_config=source,
-                  assets_dir=session.tokenizer_dir)
-    backend = LMDeployRollout(out, block_size=cfg.block_size, rollout_cfg=cfg.rollout, stop_ids=session.stop_ids,
-                              mask_id=session.mask_id, model_cfg=session.model_cfg, tokenizer=session.tokenizer,
-                              export_dir=out, source_config=source, assets_dir=session.tokenizer_dir, dtype=dtype,
-                              sleep_during_update=cfg.gpu.sharing == "sleep")
+    dtype = engine_dtype(spec.model_cfg.dtype)
+    plan = check_memory() if check_memory is not None else None
+    out = os.path.join(work_dir, "lmdeploy_policy")
+    export_hf_dir(param_tree(params), spec.model_cfg, out, dtype=dtype, source_config=_source_config(spec.hf_assets_dir),
+                  assets_dir=spec.hf_assets_dir)
+    backend = LMDeployRollout(out, spec, tokenizer=tokenizer, export_dir=out, dtype=dtype,
+                              sleep_during_update=sleep_during_update)
     tokens = engine_kv_tokens(backend.engine)
-    log.info("engine KV cache: %s tokens (plan: %d)", "unknown" if tokens is None else f"{tokens:,d}", plan.kv_tokens)
+    log.info("engine KV cache: %s tokens (plan: %s)", "unknown" if tokens is None else f"{tokens:,d}",
+             "none" if plan is None else f"{plan.kv_tokens:,d}")
     barrier("rollout engines started")
     if jax.process_index() == 0:
         remove_weight_files(out)
     return backend
 
 
-def make_backend_for_eval(cfg, tokenizer) -> LMDeployRollout:
-    """Evaluation: `cfg.model.path` as is when it is an HF directory, else its Orbax checkpoint
-    exported to `<output_dir>/lmdeploy_model`; the engine runs in `cfg.model.dtype`."""
+def make_backend_for_eval(spec: RolloutSpec, model_path: str, *, tokenizer, work_dir: str,
+                          dtype: str) -> LMDeployRollout:
+    """Evaluation: `model_path` as is when it is an HF directory, else its Orbax checkpoint exported
+    to `<work_dir>/lmdeploy_model`; the engine runs in `dtype` (model.dtype)."""
     check_lmdeploy()
     check_cuda()
-    dtype = engine_dtype(cfg.model.dtype)
-    path = cfg.model.path
-    if not path:
-        raise ValueError("evaluation needs model.path (an HF directory or an Orbax checkpoint)")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        out = os.path.join(cfg.output_dir, "lmdeploy_model")
-        orbax_to_hf(path, out, dtype=dtype)
-        path = out
-    greedy = getattr(cfg, "greedy", None)
-    if greedy is None:
-        greedy = cfg.eval.greedy
-    return LMDeployRollout(path, block_size=cfg.block_size, rollout_cfg=cfg.rollout,
-                           stop_ids=stop_token_ids(tokenizer), mask_id=mask_token_id(tokenizer),
-                           tokenizer=tokenizer, greedy=bool(greedy), dtype=dtype)
+    dtype = engine_dtype(dtype)
+    if not os.path.isfile(os.path.join(model_path, "config.json")):
+        out = os.path.join(work_dir, "lmdeploy_model")
+        orbax_to_hf(model_path, out, dtype=dtype)
+        model_path = out
+    return LMDeployRollout(model_path, spec, tokenizer=tokenizer, dtype=dtype)

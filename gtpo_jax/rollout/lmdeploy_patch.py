@@ -42,7 +42,7 @@ def check_lmdeploy() -> Any:
         import lmdeploy  # GPU-only extra, imported lazily
     except ImportError as e:
         raise LMDeployUnavailableError(
-            f"rollout.backend=lmdeploy needs LMDeploy {'/'.join(v + '.x' for v in SUPPORTED_VERSIONS)}: "
+            f"decoding.backend=lmdeploy needs LMDeploy {'/'.join(v + '.x' for v in SUPPORTED_VERSIONS)}: "
             f"pip install '.[lmdeploy]' on a CUDA machine ({e})"
         ) from e
     version = str(getattr(lmdeploy, "__version__", "unknown"))
@@ -50,7 +50,7 @@ def check_lmdeploy() -> Any:
         raise LMDeployUnavailableError(
             f"LMDeploy {version} is not supported: the step-map patch is written against "
             f"{', '.join(v + '.x' for v in SUPPORTED_VERSIONS)} (pip install '.[lmdeploy]'); "
-            "use rollout.backend=jax otherwise"
+            "use decoding.backend=jax otherwise"
         )
     return lmdeploy
 
@@ -60,8 +60,8 @@ def check_cuda() -> None:
 
     if not torch.cuda.is_available():
         raise LMDeployUnavailableError(
-            "rollout.backend=lmdeploy needs a CUDA GPU (LMDeploy's PyTorch engine runs Triton kernels); "
-            "none is visible here. Use rollout.backend=jax on this machine."
+            "decoding.backend=lmdeploy needs a CUDA GPU (LMDeploy's PyTorch engine runs Triton kernels); "
+            "none is visible here. Use decoding.backend=jax on this machine."
         )
 
 

@@ -1,5 +1,7 @@
-"""Block-diffusion sampling (docs/algorithm.md §2): `BlockDiffusionSampler` under a `SamplerConfig`."""
+"""Block-diffusion sampling (docs/algorithm.md §2): `BlockDiffusionSampler` under a `SamplerConfig`
+(the `DecodingConfig` of the config tree plus the resolved token ids)."""
 
+from gtpo_jax.sampling.decoding import DecodingConfig, JaxEngineSection, LMDeployEngineSection
 from gtpo_jax.sampling.sampler import (
     STRATEGIES,
     BlockDiffusionSampler,
@@ -10,5 +12,7 @@ from gtpo_jax.sampling.sampler import (
     tokens_per_forward,
 )
 
-__all__ = ["STRATEGIES", "BlockDiffusionSampler", "SampleBatch", "SamplerConfig", "filter_scores", "select_slots",
-           "tokens_per_forward"]
+__all__ = [
+    "STRATEGIES", "BlockDiffusionSampler", "DecodingConfig", "JaxEngineSection", "LMDeployEngineSection", "SampleBatch",
+    "SamplerConfig", "filter_scores", "select_slots", "tokens_per_forward",
+]

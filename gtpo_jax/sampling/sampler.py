@@ -33,33 +33,29 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from gtpo_jax.data.tokenizer import TokenIds
 from gtpo_jax.model import KVContext, LayerKV, SDARModel, TokenLayout
 from gtpo_jax.rounding import round_up
+from gtpo_jax.sampling.decoding import STRATEGIES, DecodingConfig
 from gtpo_jax.sharding import BATCH_AXES, shard_batch, to_host
 
 log = logging.getLogger("gtpo_jax")
 
-STRATEGIES = ("low_confidence_static", "low_confidence_dynamic", "sequential")
 
-
-@dataclasses.dataclass(frozen=True)
-class SamplerConfig:
-    """Decoding rules (docs/algorithm.md §2) and the memory budget of one jitted call."""
+@dataclasses.dataclass(kw_only=True)
+class SamplerConfig(DecodingConfig):
+    """The decoding settings (docs/algorithm.md §2; `jax` holds the memory budget of one jitted
+    call) with the run's resolved token ids and the choice of greedy decoding."""
 
     block_size: int
     mask_id: int
     stop_ids: tuple[int, ...]
-    strategy: str = "low_confidence_dynamic"
-    denoising_steps: int = 4
-    threshold: float = 0.9
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
     greedy: bool = False
-    max_new_tokens: int = 256
-    min_new_tokens: int = 0
-    max_batch: int | None = None  # sequences per jitted call (None: as many as the cache budget allows)
-    cache_gib: float | None = None  # KV-cache budget of one call over all devices (None: unlimited)
+
+    @classmethod
+    def of(cls, decoding: DecodingConfig, ids: TokenIds, *, greedy: bool = False) -> "SamplerConfig":
+        settings = {f.name: getattr(decoding, f.name) for f in dataclasses.fields(DecodingConfig)}
+        return cls(**settings, block_size=ids.block_size, mask_id=ids.mask_id, stop_ids=ids.stop_ids, greedy=greedy)
 
     def __post_init__(self):
         problems = []
@@ -329,14 +325,14 @@ class BlockDiffusionSampler:
                              f"max_position_embeddings ({m.max_position_embeddings}); shorten the prompt or lower "
                              "max_new_tokens")
         per_seq = self.cache_bytes_per_sequence(self._buckets(longest)[1])
-        batch = c.max_batch or 1 << 30
-        if c.cache_gib is not None:
-            fit = int(c.cache_gib * 2**30 // per_seq)
+        batch = c.jax.max_batch or 1 << 30
+        if c.jax.cache_gib is not None:
+            fit = int(c.jax.cache_gib * 2**30 // per_seq)
             if fit < self._data_parallel:
                 raise ValueError(f"the KV cache of one sequence (prompt {longest} + {c.max_new_tokens} new tokens) "
-                                 f"needs {per_seq / 2**20:.1f} MiB; cache_gib={c.cache_gib} holds {fit} sequences but "
-                                 f"the data-parallel size is {self._data_parallel}; raise cache_gib or lower "
-                                 "max_new_tokens")
+                                 f"needs {per_seq / 2**20:.1f} MiB; cache_gib={c.jax.cache_gib} holds {fit} "
+                                 f"sequences but the data-parallel size is {self._data_parallel}; raise cache_gib "
+                                 "or lower max_new_tokens")
             batch = min(batch, fit)
         return max(self._data_parallel, batch // self._data_parallel * self._data_parallel)
 

@@ -19,22 +19,16 @@ from flax import nnx
 from gtpo_jax.checkpoint import load_model
 from gtpo_jax.config import Config, OptimSection
 from gtpo_jax.model import ModelConfig, SDARModel, init_model
+from gtpo_jax.model.config import runtime_options
 
 log = logging.getLogger("gtpo_jax")
 
 LossFn = Callable[[SDARModel, dict], tuple[jax.Array, dict]]
 
 
-def runtime_model_options(cfg: Config) -> dict:
-    m = cfg.model
-    return dict(
-        param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, attn_q_tile=m.attn_q_tile, attn_kv_tile=m.attn_kv_tile
-    )
-
-
 def build_model(cfg: Config, vocab_size: int | None = None) -> SDARModel:
     """The starting model: from `model.path` (HF dir or Orbax checkpoint) or a random preset."""
-    runtime = runtime_model_options(cfg)
+    runtime = runtime_options(cfg.model)
     if cfg.model.path:
         model = load_model(cfg.model.path, **runtime)
     else:

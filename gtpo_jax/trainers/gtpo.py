@@ -17,8 +17,9 @@ from gtpo_jax.config import Config
 from gtpo_jax.data.pipeline import RLPromptSource
 from gtpo_jax.distributed import barrier, broadcast_from_first
 from gtpo_jax.layout import gtpo_row_len
+from gtpo_jax.memory_plan import startup_plan
 from gtpo_jax.rewards import Grader, RewardInput, compute_rewards
-from gtpo_jax.rollout import make_rollout_backend
+from gtpo_jax.rollout import RolloutBackend, RolloutSpec, make_rollout_backend
 from gtpo_jax.rollout.base import Rollout
 from gtpo_jax.trainers.batching import split_evenly
 from gtpo_jax.trainers.dapo import dynamic_sample
@@ -69,8 +70,8 @@ def _train(session, cfg: Config) -> dict:
             stored = session.checkpointer.restore_extra(start, "reference", param_tree(reference))
             nnx.replace_by_pure_dict(reference, stored)
         session.extra_arrays["reference"] = param_tree(reference)
-    backend = make_rollout_backend(cfg, session)
-    grader = Grader(num_workers=g.grader_workers, timeout_s=g.grader_timeout_s)
+    backend = rollout_backend(session, cfg)
+    grader = Grader.from_config(cfg.grader)
     session.evaluate_if_due(start, force=start == 0, label="before")
     last: dict = {}
     try:
@@ -91,7 +92,7 @@ def _train(session, cfg: Config) -> dict:
                 inputs = [
                     RewardInput(text=r.text, ground_truth=p.ground_truth, num_tokens=len(r.tokens),
                                 truncated=r.truncated, step_map=r.step_map, block_size=cfg.block_size,
-                                max_new_tokens=cfg.rollout.max_new_tokens)
+                                max_new_tokens=cfg.decoding.max_new_tokens)
                     for p, group in zip(batch, groups) for r in group
                 ]
                 total, parts, reward_metrics = compute_rewards(inputs, g.rewards, grader, need_correct=True,
@@ -141,6 +142,15 @@ def _train(session, cfg: Config) -> dict:
         grader.close()
         backend.close()
     return session.close(last)
+
+
+def rollout_backend(session: TrainingSession, cfg: Config) -> RolloutBackend:
+    """The rollout engine, built from a spec the trainer makes (decoding settings, token ids, model
+    config, HF assets of the run's checkpoints); LMDeploy checks the GPU memory plan first."""
+    spec = RolloutSpec(cfg.decoding, session.ids, session.model_cfg, hf_assets_dir=session.checkpointer.hf_assets_dir)
+    return make_rollout_backend(spec, session.model(), tokenizer=session.tokenizer, mesh=session.mesh,
+                                work_dir=cfg.output_dir, sleep_during_update=cfg.gpu.sharing == "sleep",
+                                check_memory=lambda: startup_plan(cfg, session.model_cfg))
 
 
 def import_reward_modules(names: list[str]) -> None:
@@ -195,13 +205,13 @@ def update_policy(session, groups: list[ScoredGroup], cfg: Config, reference) ->
         for grp, adv in zip(groups, advantages) for r, a in zip(grp.rollouts, adv)
     ]
     if g.tis_cap > 0:
-        check_rollout_logprobs(scored, cfg.rollout.backend)
+        check_rollout_logprobs(scored, cfg.decoding.backend)
     trainable = [s for s in scored if len(s.response)]
 
     def score(params, shrink: int) -> list[np.ndarray]:
         model = nnx.merge(session.graphdef, params)
         return token_logprobs(model, [s.prompt for s in trainable], [s.response for s in trainable],
-                              [s.step_map for s in trainable], block_size=cfg.block_size, mask_id=session.mask_id,
+                              [s.step_map for s in trainable], block_size=session.ids.block_size, mask_id=session.ids.mask_id,
                               tails=[s.tail or ([], []) for s in trainable], shrink=shrink)
 
     if g.num_iterations > 1:
@@ -213,7 +223,7 @@ def update_policy(session, groups: list[ScoredGroup], cfg: Config, reference) ->
     if reference is not None:
         for s, lp in zip(trainable, score(reference, g.shrink)):
             s.ref_logprobs = lp
-    row_len = gtpo_row_len(cfg.block_size, cfg.rollout.max_new_tokens, max(len(s.prompt) for s in scored))
+    row_len = gtpo_row_len(cfg.block_size, cfg.decoding.max_new_tokens, max(len(s.prompt) for s in scored))
     sums: dict[str, float] = {}
     updates = 0
     for _ in range(g.num_iterations):
@@ -222,7 +232,7 @@ def update_policy(session, groups: list[ScoredGroup], cfg: Config, reference) ->
                 log.warning("a mini-batch of %d rollouts has only empty responses; its update is skipped", len(mini))
                 continue
             arrays, _ = build_gtpo_batch(
-                mini, block_size=cfg.block_size, mask_id=session.mask_id, shrink=g.shrink, loss_norm=g.loss_norm,
+                mini, block_size=session.ids.block_size, mask_id=session.ids.mask_id, shrink=g.shrink, loss_norm=g.loss_norm,
                 micro_batches=cfg.train.micro_batches, row_len=row_len,
                 vocab_chunk=cfg.train.vocab_chunk, rows_multiple=session.data_parallel,
             )

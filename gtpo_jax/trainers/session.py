@@ -3,7 +3,6 @@ checkpoints (exact resume), metrics, evaluation and the final HF export."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 
@@ -20,7 +19,7 @@ from gtpo_jax.data.pipeline import SFTData
 from gtpo_jax.data.records import check_data_files
 from gtpo_jax.data.synthetic import write_synthetic_task
 from gtpo_jax.data.tiny_tokenizer import build_tiny_tokenizer
-from gtpo_jax.data.tokenizer import load_tokenizer, mask_token_id, stop_token_ids, tokenizer_dir_for
+from gtpo_jax.data.tokenizer import load_tokenizer, resolve_token_ids, tokenizer_dir_for
 from gtpo_jax.distributed import barrier
 from gtpo_jax.evaluate import evaluate_model
 from gtpo_jax.hf_io import export_hf_dir, read_hf_config
@@ -29,7 +28,6 @@ from gtpo_jax.metrics import MetricsWriter, WandbWriter, format_line, import_wan
 from gtpo_jax.model.config import read_json_file
 from gtpo_jax.run_lock import OutputDirLock
 from gtpo_jax.sharding import (
-    MeshConfig,
     build_mesh,
     optimizer_shardings,
     replicate_unsharded,
@@ -97,14 +95,14 @@ class TrainingSession:
         tok_dir = self._tokenizer_dir()
         self.tokenizer_dir = tok_dir
         self.tokenizer = load_tokenizer(tok_dir)
-        self.mask_id = mask_token_id(self.tokenizer)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.mask_id
-        self.stop_ids = stop_token_ids(self.tokenizer)
+        # block size, mask / pad / stop ids: resolved once here, read by every stage from here (the
+        # block size is checked against the model's when the model is built)
+        self.ids = resolve_token_ids(self.tokenizer, cfg.block_size)
         self.data = make_data(self) if make_data is not None else None
         model = build_model(cfg, vocab_size=len(self.tokenizer))
         barrier("model built")  # before the first collective
         self.model_cfg = model.cfg
-        self.mesh = build_mesh(MeshConfig(**dataclasses.asdict(cfg.mesh)))
+        self.mesh = build_mesh(cfg.mesh)
         self.data_parallel = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         shard_model(model, self.mesh)
         self.graphdef, self.params = nnx.split(model)
@@ -263,7 +261,7 @@ class TrainingSession:
         if not self.cfg.eval.enabled or not self.cfg.data.eval_files or not (force or (every and step % every == 0)):
             return None
         barrier(f"evaluate {step}")
-        result = evaluate_model(self.model(), self.tokenizer, self.cfg, mesh=self.mesh)
+        result = evaluate_model(self.model(), self.tokenizer, self.cfg, self.ids, mesh=self.mesh)
         label = label or f"step {step}"
         self.eval_results[label] = result
         self.write_metrics(step, {k: v for k, v in result.items() if isinstance(v, (int, float))}, prefix="eval/")

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gtpo_jax.config import Config
+from gtpo_jax.data.tokenizer import TokenIds
 from gtpo_jax.layout import SampleLayout, sft_layout
 from gtpo_jax.losses import target_logprobs
 from gtpo_jax.rounding import round_up
@@ -40,7 +41,7 @@ def sft_loss_fn(vocab_chunk: int):
 
 
 def sft_layouts(
-    samples: Sequence[tuple[Sequence[int], Sequence[int]]], cfg: Config, *, mask_id: int, pad_id: int, step: int
+    samples: Sequence[tuple[Sequence[int], Sequence[int]]], cfg: Config, ids: TokenIds, *, step: int
 ) -> list[SampleLayout]:
     """Masked noisy copies for one step. The masks come from a generator seeded by (seed, step),
     so a resumed run draws exactly the masks of an uninterrupted one."""
@@ -50,9 +51,9 @@ def sft_layouts(
         sft_layout(
             prompt,
             response,
-            block_size=cfg.block_size,
-            mask_id=mask_id,
-            pad_id=pad_id,
+            block_size=ids.block_size,
+            mask_id=ids.mask_id,
+            pad_id=ids.pad_id,
             rng=rng,
             lower_p=m.lower_p,
             upper_p=m.upper_p,
@@ -112,7 +113,7 @@ def _train(session, cfg: Config) -> dict:
     for step in session.progress(start, cfg.train.steps):
         samples, data_stats = next(batches)
         t0 = time.perf_counter()
-        layouts = sft_layouts(samples, cfg, mask_id=session.mask_id, pad_id=session.pad_id, step=step)
+        layouts = sft_layouts(samples, cfg, session.ids, step=step)
         arrays, stats = build_sft_batch(layouts, cfg, rows_multiple=session.data_parallel)
         metrics = session.update(arrays)
         elapsed = time.perf_counter() - t0
