@@ -17,9 +17,10 @@ from gtpo_jax.checkpoint import load_model
 from gtpo_jax.config import Config
 from gtpo_jax.config_loader import load_config
 from gtpo_jax.data.records import read_rl_records
-from gtpo_jax.data.tokenizer import load_tokenizer
+from gtpo_jax.data.tokenizer import load_tokenizer, resolve_token_ids
 from gtpo_jax.evaluate import evaluate_questions
 from gtpo_jax.rewards import Grader
+from gtpo_jax.rollout import RolloutSpec
 from gtpo_jax.rollout.jax_backend import JaxRollout
 
 
@@ -43,8 +44,9 @@ def main() -> None:
     questions = [q for f in cfg.data.eval_files for q in read_rl_records(f)][: cfg.eval.max_questions or None]
     questions = [dataclasses.replace(q, index=i) for i, q in enumerate(questions)]
     for path in args.models:
-        backend = JaxRollout.from_config(load_model(path), tokenizer, cfg.rollout, block_size=cfg.block_size, greedy=True)
-        grader = Grader(num_workers=1, timeout_s=cfg.gtpo.grader_timeout_s)
+        spec = RolloutSpec(cfg.decoding, resolve_token_ids(tokenizer, cfg.block_size), greedy=True)
+        backend = JaxRollout.from_spec(spec, load_model(path), tokenizer=tokenizer)
+        grader = Grader(num_workers=1, timeout_s=cfg.grader.timeout_s)
         try:
             records = evaluate_questions(backend, grader, questions, tokenizer, n=1, seed=0, think=cfg.data.think,
                                          questions_per_batch=64)

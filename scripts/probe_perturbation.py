@@ -22,7 +22,7 @@ from flax import nnx
 from gtpo_jax.checkpoint import load_model
 from gtpo_jax.config import Config
 from gtpo_jax.config_loader import load_config
-from gtpo_jax.data.tokenizer import load_tokenizer
+from gtpo_jax.data.tokenizer import load_tokenizer, resolve_token_ids
 from gtpo_jax.evaluate import evaluate_model
 
 
@@ -52,7 +52,7 @@ def main() -> None:
         keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
         model = nnx.merge(graph, jax.tree_util.tree_unflatten(tree, [moved(x, k, delta, args.mode)
                                                                      for x, k in zip(leaves, keys)]))
-        summary = evaluate_model(model, tokenizer, cfg)
+        summary = evaluate_model(model, tokenizer, cfg, resolve_token_ids(tokenizer, cfg.block_size))
         print(json.dumps({"mode": args.mode, "delta": delta, "seed": seed, "held_out_accuracy": summary["accuracy"],
                           "tokens_per_forward": round(summary["tokens_per_forward"], 3)}), flush=True)
 
