@@ -43,5 +43,5 @@ def test_files_and_functions_stay_small():
         + ", ".join(f"{name} ({lines} lines)" for name, lines in sorted(over.items()))
         + "; split them into cohesive pieces"
     )
-    fixed = sorted(ALLOWED - set(found))
+    fixed = sorted(set(ALLOWED) - set(found))  # set(): an emptied allow-list written {} is a dict
     assert not fixed, f"{fixed} now fit the limits: remove them from ALLOWED in tests/test_code_shape.py"
