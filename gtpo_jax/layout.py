@@ -4,8 +4,8 @@ A sample is its clean sequence (prompt + response, block-causal, computed once) 
 noisy copies of some of its blocks. A copy of block j holds all B slots of block j at the
 clean slots' RoPE positions, with some slots replaced by the mask token; it sees the clean
 blocks < j and its own slots (see `gtpo_jax.model.attention.visibility`), and its targets are
-some of its masked slots. Samples are packed several per row (segment ids), padding only at
-row ends. Everything here is numpy: it runs on the host, before the jitted step.
+some of its masked slots. `gtpo_jax.packing` packs samples into rows. Everything here is numpy:
+it runs on the host, before the jitted step.
 """
 
 from __future__ import annotations
@@ -189,91 +189,3 @@ def sft_layout(
             targets = np.where(masked, seq[sl], -1).astype(np.int32)
             copies.append(NoisyCopy(j, tokens, targets, rnd))
     return SampleLayout(clean, copies)
-
-
-def pack(
-    samples: Sequence[SampleLayout],
-    *,
-    block_size: int,
-    row_len: int | None = None,
-    row_multiple: int = 128,
-    rows_multiple: int = 1,
-    targets_multiple: int = 256,
-) -> PackedBatch:
-    """First-fit packing of samples into rows of `row_len` tokens (default: the longest sample
-    rounded up to `row_multiple`). Rows and target counts are padded to multiples so that jitted
-    steps see few distinct shapes."""
-    longest = max(s.length for s in samples)
-    if row_len is None:
-        row_len = round_up(longest, row_multiple)
-    if longest > row_len:
-        raise ValueError(
-            f"a sample needs {longest} tokens (clean sequence + noisy copies) but rows hold {row_len}; "
-            "raise the row length or lower the maximum sequence length"
-        )
-    rows: list[list[int]] = []
-    fill: list[int] = []
-    for i, s in enumerate(samples):
-        for r, used in enumerate(fill):
-            if used + s.length <= row_len:
-                rows[r].append(i)
-                fill[r] += s.length
-                break
-        else:
-            rows.append([i])
-            fill.append(s.length)
-    n_rows = round_up(len(rows), rows_multiple)
-    shape = (n_rows, row_len)
-    tokens = np.zeros(shape, np.int32)
-    positions = np.zeros(shape, np.int32)
-    segment = np.zeros(shape, np.int32)
-    block = np.zeros(shape, np.int32)
-    copy = np.zeros(shape, np.int32)
-    t_index, t_token, t_sample, t_round = [], [], [], []
-    for r, members in enumerate(rows):
-        offset = 0
-        for seg, i in enumerate(members, start=1):
-            s = samples[i]
-            n = len(s.clean)
-            sl = slice(offset, offset + n)
-            tokens[r, sl] = s.clean
-            positions[r, sl] = np.arange(n)
-            segment[r, sl] = seg
-            block[r, sl] = np.arange(n) // block_size
-            offset += n
-            for c_id, c in enumerate(s.copies, start=1):
-                sl = slice(offset, offset + block_size)
-                tokens[r, sl] = c.tokens
-                positions[r, sl] = c.block * block_size + np.arange(block_size)
-                segment[r, sl] = seg
-                block[r, sl] = c.block
-                copy[r, sl] = c_id
-                slots = np.nonzero(c.targets >= 0)[0]
-                t_index.extend(r * row_len + offset + slots)
-                t_token.extend(c.targets[slots])
-                t_sample.extend([i] * len(slots))
-                t_round.extend([c.round] * len(slots))
-                offset += block_size
-    n_t = len(t_index)
-    n_t_pad = round_up(max(n_t, 1), targets_multiple)
-
-    def padded(values, dtype):
-        out = np.zeros(n_t_pad, dtype)
-        out[:n_t] = values
-        return out
-
-    valid = np.zeros(n_t_pad, bool)
-    valid[:n_t] = True
-    return PackedBatch(
-        tokens,
-        positions,
-        segment,
-        block,
-        copy,
-        padded(t_index, np.int32),
-        padded(t_token, np.int32),
-        padded(t_sample, np.int32),
-        padded(t_round, np.int32),
-        valid,
-        len(samples),
-    )

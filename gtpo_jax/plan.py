@@ -30,17 +30,17 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from gtpo_jax.config import Config
 from gtpo_jax.config_loader import load_config
 from gtpo_jax.data.tokenizer import TokenIds
-from gtpo_jax.layout import gtpo_row_len, pack, sft_layout, trajectory_layout
+from gtpo_jax.layout import gtpo_row_len, sft_layout, trajectory_layout
 from gtpo_jax.losses import target_logprobs
 from gtpo_jax.memory_plan import planned_model_config
 from gtpo_jax.model import ModelConfig, SDARModel
 from gtpo_jax.model.config import runtime_options
+from gtpo_jax.packing import pack, power_of_two_bucket
 from gtpo_jax.plan_costs import ACCELERATORS, count_matmuls, fsdp_comm_bytes, original_layout, visible_tile_fraction
 from gtpo_jax.plan_report import ROOFLINE_NOTE, ProgramPlan, gib, extrapolate, largest_arrays, report
 from gtpo_jax.rounding import round_up
 from gtpo_jax.sampling.sampler import BlockDiffusionSampler, SamplerConfig, _generate, _Static
 from gtpo_jax.sharding import BATCH_AXES, build_mesh, optimizer_shardings, param_shardings
-from gtpo_jax.trainers.batching import _bucket
 from gtpo_jax.trainers.common import make_optimizer, make_update_step
 from gtpo_jax.trainers.gtpo_objective import gtpo_loss_fn
 from gtpo_jax.trainers.sft import sft_loss_fn, sft_row_len
@@ -101,7 +101,7 @@ def sft_shape(cfg: Config, data_parallel: int, prompt_len: int) -> StepShape:
     packed = pack([lay], block_size=b, row_len=row_len)
     frac = visible_tile_fraction(packed, cfg.model.attn_q_tile, cfg.model.attn_kv_tile)
     return StepShape(cfg.train.micro_batches, round_up(samples, data_parallel), row_len,
-                     _bucket(samples * lay.num_targets, cfg.train.vocab_chunk), frac,
+                     power_of_two_bucket(samples * lay.num_targets, cfg.train.vocab_chunk), frac,
                      f"{samples} samples/micro-batch of {cfg.data.max_len} tokens (prompt {prompt_len}), "
                      f"one per row, {m.num_noisy_copies} noisy copy", cfg.data.max_len)
 
@@ -121,7 +121,7 @@ def gtpo_shape(cfg: Config, data_parallel: int, prompt_len: int) -> StepShape:
     frac = visible_tile_fraction(pack([lay], block_size=b, row_len=row_len),
                                  cfg.model.attn_q_tile, cfg.model.attn_kv_tile)
     return StepShape(micro, round_up(per_micro, data_parallel), row_len,
-                     _bucket(per_micro * lay.num_targets, cfg.train.vocab_chunk), frac,
+                     power_of_two_bucket(per_micro * lay.num_targets, cfg.train.vocab_chunk), frac,
                      f"{per_micro} responses/micro-batch of {new} tokens (prompt {prompt_len}), one per row, "
                      "one token per forward (worst case)", prompt_len + new)
 

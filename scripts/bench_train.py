@@ -57,8 +57,9 @@ def run_jax(mode: str, length: int, steps: int) -> dict:
     from gtpo_jax.config import Config
     from gtpo_jax.model import ModelConfig, init_model
     from gtpo_jax.trainers.common import make_optimizer, make_update_step
-    from gtpo_jax.trainers.gtpo_objective import ScoredRollout, build_gtpo_batch, gtpo_loss_fn
     from gtpo_jax.data.tokenizer import TokenIds
+    from gtpo_jax.rollout.base import Rollout
+    from gtpo_jax.trainers.gtpo_objective import build_gtpo_batch, gtpo_loss_fn
     from gtpo_jax.trainers.sft import build_sft_batch, sft_layouts, sft_loss_fn
 
     cfg = Config(stage=mode)
@@ -78,12 +79,12 @@ def run_jax(mode: str, length: int, steps: int) -> dict:
         batch, _ = build_sft_batch(layouts, cfg)
         loss_fn = sft_loss_fn(cfg.train.vocab_chunk)
     else:
-        rollout = ScoredRollout(prompt, response, step_map, advantage=1.0)
+        rollout = Rollout(prompt, response, step_map, logprobs=None, advantage=1.0)
         from gtpo_jax.layout import trajectory_layout
 
         need = trajectory_layout(prompt, response, step_map, block_size=B, mask_id=MASK).length
-        batch, _ = build_gtpo_batch([rollout], block_size=B, mask_id=MASK, shrink=1, loss_norm="round_mean",
-                                    micro_batches=1, row_len=-(-need // 512) * 512, vocab_chunk=512)
+        batch = build_gtpo_batch([rollout], block_size=B, mask_id=MASK, shrink=1, loss_norm="round_mean",
+                                    micro_batches=1, row_len=-(-need // 512) * 512, vocab_chunk=512).arrays
         loss_fn = gtpo_loss_fn(eps_low=0.2, eps_high=0.28, beta=0.0, use_old_logprobs=False, tis_cap=0.0,
                                vocab_chunk=512)
     step = jax.jit(make_update_step(graphdef, tx, loss_fn), donate_argnums=(0, 1))

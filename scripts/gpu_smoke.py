@@ -155,7 +155,8 @@ def check_sharded_sft(ctx) -> str:
 def check_sharded_gtpo(ctx) -> str:
     import numpy as np
 
-    from gtpo_jax.trainers.gtpo_objective import ScoredRollout, build_gtpo_batch, gtpo_loss_fn
+    from gtpo_jax.rollout.base import Rollout
+    from gtpo_jax.trainers.gtpo_objective import build_gtpo_batch, gtpo_loss_fn
 
     def batch_fn():
         rng = np.random.default_rng(0)
@@ -163,11 +164,11 @@ def check_sharded_gtpo(ctx) -> str:
         for k, p_len in enumerate([8, 9, 7, 11, 6, 12]):
             r_len = int(rng.integers(4, 10))
             steps = np.arange(1, r_len + 1)  # one token per forward
-            rollouts.append(ScoredRollout(prompt=rng.integers(3, 96, p_len), response=rng.integers(3, 96, r_len),
-                                          step_map=steps, advantage=float(k % 3 - 1),
-                                          rollout_logprobs=np.log(rng.uniform(0.005, 0.05, r_len)).astype(np.float32)))
+            rollouts.append(Rollout(prompt=rng.integers(3, 96, p_len), tokens=rng.integers(3, 96, r_len),
+                                    step_map=steps, advantage=float(k % 3 - 1),
+                                    logprobs=np.log(rng.uniform(0.005, 0.05, r_len)).astype(np.float32)))
         return build_gtpo_batch(rollouts, block_size=4, mask_id=1, shrink=1, loss_norm="round_mean", micro_batches=2,
-                                row_len=128, vocab_chunk=32, rows_multiple=ctx["gpus"])[0]
+                                row_len=128, vocab_chunk=32, rows_multiple=ctx["gpus"]).arrays
 
     return _compare_sharded(gtpo_loss_fn(eps_low=0.2, eps_high=0.28, beta=0.0, use_old_logprobs=False, tis_cap=2.0,
                                          vocab_chunk=32), batch_fn, ctx)

@@ -18,7 +18,7 @@ from gtpo_jax.model import ModelConfig, TokenLayout, init_model
 from gtpo_jax.rollout.base import Rollout
 from gtpo_jax.trainers.common import make_update_step
 from gtpo_jax.trainers.gtpo import ScoredGroup, update_policy
-from gtpo_jax.trainers.gtpo_objective import ScoredRollout, build_gtpo_batch, group_advantages, gtpo_loss_fn
+from gtpo_jax.trainers.gtpo_objective import build_gtpo_batch, group_advantages, gtpo_loss_fn
 
 B, MASK, VOCAB = 4, 0, 61
 EPS_LOW, EPS_HIGH = 0.2, 0.28
@@ -50,8 +50,8 @@ def direct_logprobs(model, rollouts, shrink=1):
     """Per rollout: (l_t array over its response, rounds list), by one plain forward per state."""
     rows, slots, targets, owners = [], [], [], []
     for i, r in enumerate(rollouts):
-        for t, (seq, slot, rnd) in enumerate(token_states(r.prompt, r.response, r.step_map, shrink)):
-            rows.append(seq), slots.append(slot), targets.append(r.response[t]), owners.append((i, rnd))
+        for t, (seq, slot, rnd) in enumerate(token_states(r.prompt, r.tokens, r.step_map, shrink)):
+            rows.append(seq), slots.append(slot), targets.append(r.tokens[t]), owners.append((i, rnd))
     length = max(len(s) for s in rows)
     tokens = np.array([s + [MASK] * (length - len(s)) for s in rows], np.int32)
     seg = np.array([[1] * len(s) + [0] * (length - len(s)) for s in rows], np.int32)
@@ -61,7 +61,7 @@ def direct_logprobs(model, rollouts, shrink=1):
     logp = jax.nn.log_softmax(logits)[np.arange(len(rows)), np.array(targets)]
     out, n = [], 0
     for i, r in enumerate(rollouts):
-        k = len(r.response)
+        k = len(r.tokens)
         out.append((logp[n : n + k], [rnd for _, rnd in owners[n : n + k]]))
         n += k
     return out
@@ -72,16 +72,16 @@ def direct_loss(params, graphdef, rollouts, loss_norm, beta, tis_cap, *, eps_low
     """docs/algorithm.md §5.4 written per token. `old`: per-rollout l(θ_old) (None: θ_old = θ, stop-gradient);
     `exact_old`: per-rollout exact-state l(θ_old) for the importance weight (None: `old`)."""
     model = nnx.merge(graphdef, params)
-    scored = direct_logprobs(model, [r for r in rollouts if len(r.response)], shrink)
+    scored = direct_logprobs(model, [r for r in rollouts if len(r.tokens)], shrink)
     it = iter(scored)
     per_response, all_terms = [], []
     for i, r in enumerate(rollouts):
-        if not len(r.response):
+        if not len(r.tokens):
             per_response.append({})
             continue
         logp, rounds = next(it)
         by_round = {}
-        for t in range(len(r.response)):
+        for t in range(len(r.tokens)):
             l_new = logp[t]
             l_old = jax.lax.stop_gradient(l_new) if old is None else old[i][t]
             ratio = jnp.exp(jnp.clip(l_new - l_old, -10, 10))
@@ -89,7 +89,7 @@ def direct_loss(params, graphdef, rollouts, loss_norm, beta, tis_cap, *, eps_low
             term = -jnp.minimum(ratio * a, jnp.clip(ratio, 1 - eps_low, 1 + eps_high) * a)
             if tis_cap:
                 base = l_old if exact_old is None else exact_old[i][t]
-                term = term * jnp.minimum(jnp.exp(base - r.rollout_logprobs[t]), tis_cap)
+                term = term * jnp.minimum(jnp.exp(base - r.logprobs[t]), tis_cap)
             if beta:
                 d = r.ref_logprobs[t] - l_new
                 term = term + beta * (jnp.exp(d) - 1 - d)
@@ -121,10 +121,10 @@ def make_rollouts(rng, n=6, prompt_lens=(8, 9, 7, 11, 6, 12)):
             steps += block.tolist()
             pos = end
         rollouts.append(
-            ScoredRollout(
-                prompt=rng.integers(1, VOCAB, p_len), response=rng.integers(1, VOCAB, r_len),
+            Rollout(
+                prompt=rng.integers(1, VOCAB, p_len), tokens=rng.integers(1, VOCAB, r_len),
                 step_map=np.array(steps), advantage=float(adv[k]),
-                rollout_logprobs=np.log(rng.uniform(0.005, 0.05, r_len)).astype(np.float32),
+                logprobs=np.log(rng.uniform(0.005, 0.05, r_len)).astype(np.float32),
                 ref_logprobs=np.log(rng.uniform(0.005, 0.05, r_len)).astype(np.float32),
             )
         )
@@ -137,8 +137,8 @@ def model():
 
 
 def our_loss(graphdef, rollouts, micro_batches=2, shrink=1, loss_norm="round_mean", **loss_kw):
-    arrays, _ = build_gtpo_batch(rollouts, block_size=B, mask_id=MASK, shrink=shrink, loss_norm=loss_norm,
-                                 micro_batches=micro_batches, row_len=128, vocab_chunk=32)
+    arrays = build_gtpo_batch(rollouts, block_size=B, mask_id=MASK, shrink=shrink, loss_norm=loss_norm,
+                                 micro_batches=micro_batches, row_len=128, vocab_chunk=32).arrays
     kw = dict(eps_low=EPS_LOW, eps_high=EPS_HIGH, beta=0.0, use_old_logprobs=False, tis_cap=0.0)
     kw.update(loss_kw)
     loss_fn = gtpo_loss_fn(vocab_chunk=32, **kw)

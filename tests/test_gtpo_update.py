@@ -9,14 +9,16 @@ import optax
 import pytest
 from flax import nnx
 
+from gtpo_jax import packing, trajectory
 from gtpo_jax.config import Config
 from gtpo_jax.data.tokenizer import TokenIds
 from gtpo_jax.model import ModelConfig, init_model
 from gtpo_jax.rollout.base import Rollout
 from gtpo_jax.trainers.common import make_update_step
 from gtpo_jax.trainers.gtpo import ScoredGroup, update_policy
-from gtpo_jax.trainers.gtpo_objective import ScoredRollout, gtpo_loss_fn
+from gtpo_jax.trainers.gtpo_objective import gtpo_loss_fn
 from test_gtpo_loss import B, MASK, VOCAB, direct_logprobs, direct_loss, make_rollouts
+from test_trajectory import naive_logprobs
 
 LR = 0.5  # plain SGD, large enough that the second pass sees ρ ≠ 1 and clips
 
@@ -59,18 +61,17 @@ def gtpo_config(**gtpo):
 
 def groups_with_an_empty_response(rng):
     base = make_rollouts(rng, n=8)
-    base[5].response, base[5].step_map = base[5].response[:0], base[5].step_map[:0]  # an empty response
-    base[5].rollout_logprobs = base[5].rollout_logprobs[:0]
+    base[5].tokens, base[5].step_map = base[5].tokens[:0], base[5].step_map[:0]  # an empty response
+    base[5].logprobs = base[5].logprobs[:0]
     rewards = rng.random((2, 4))
     groups = []
     for g in range(2):
-        rollouts = [Rollout(prompt=r.prompt, tokens=r.response, step_map=r.step_map, logprobs=r.rollout_logprobs,
-                            tail_tokens=None, tail_steps=None, finish_reason="stop") for r in base[4 * g : 4 * g + 4]]
+        rollouts = [Rollout(prompt=r.prompt, tokens=r.tokens, step_map=r.step_map, logprobs=r.logprobs)
+                    for r in base[4 * g : 4 * g + 4]]
         groups.append(ScoredGroup(g, rollouts, rewards[g], rewards[g] > 0.5, {}))
     # the direct side: advantages by the formula, rollouts in step order
     adv = (rewards - rewards.mean(1, keepdims=True)) / rewards.std(1, keepdims=True)
-    direct = [ScoredRollout(prompt=r.prompt, response=r.tokens, step_map=r.step_map, advantage=float(a),
-                            rollout_logprobs=r.logprobs)
+    direct = [Rollout(prompt=r.prompt, tokens=r.tokens, step_map=r.step_map, logprobs=r.logprobs, advantage=float(a))
               for grp, ad in zip(groups, adv) for r, a in zip(grp.rollouts, ad)]
     return groups, direct
 
@@ -85,11 +86,11 @@ def test_minibatches_iterations_shrink_and_importance_weight_match_direct():
     assert metrics["clip_fraction"] > 0  # the second pass, at ρ ≠ 1, reaches the clipped paths
 
     theta0 = session.started_from[0]
-    nonempty = [r for r in direct if len(r.response)]
+    nonempty = [r for r in direct if len(r.tokens)]
 
     def per_rollout(values):
         it = iter(values)
-        return [np.asarray(next(it)[0]) if len(r.response) else np.zeros(0) for r in direct]
+        return [np.asarray(next(it)[0]) if len(r.tokens) else np.zeros(0) for r in direct]
 
     model0 = nnx.merge(session.graphdef, theta0)
     old = per_rollout(direct_logprobs(model0, nonempty, shrink=2))  # θ_old: before the first update
@@ -109,3 +110,34 @@ def test_missing_rollout_logprobs_with_importance_weight_is_an_error():
     groups[1].rollouts[2].logprobs = None
     with pytest.raises(ValueError, match="lmdeploy.*returned none for 1 .* of 8"):
         update_policy(None, groups, cfg, reference=None)
+
+
+def test_old_and_reference_logprobs_are_read_off_the_one_training_layout(monkeypatch):
+    """num_iterations 2 and beta > 0: every rollout is laid out once for the whole step (two passes,
+    two mini-batches of two micro-batches: four packed micro-batches in all), and the l(θ_old) and
+    l(θ_ref) read off that layout before the first update equal a naive per-sample scorer's
+    (one full forward per token state)."""
+    cfg = gtpo_config(num_iterations=2, mini_batches=2, beta=0.05)
+    model = init_model(ModelConfig.tiny(vocab_size=VOCAB, tie_word_embeddings=False), seed=4)
+    reference_model = init_model(ModelConfig.tiny(vocab_size=VOCAB, tie_word_embeddings=False), seed=9)
+    groups, _ = groups_with_an_empty_response(np.random.default_rng(6))
+    session = RecordingSession(model, cfg)
+    laid_out, packed = [], []
+
+    def counting(calls, fn):
+        return lambda *a, **kw: calls.append(1) or fn(*a, **kw)
+
+    monkeypatch.setattr(trajectory, "trajectory_layout", counting(laid_out, trajectory.trajectory_layout))
+    monkeypatch.setattr(packing, "pack", counting(packed, packing.pack))
+    metrics = update_policy(session, groups, cfg, reference=nnx.split(reference_model)[1])
+    assert metrics["optimizer_updates"] == 4
+    assert len(laid_out) == 8 and len(packed) == 4
+    policy0 = nnx.merge(session.graphdef, session.started_from[0])
+    rollouts = [r for grp in groups for r in grp.rollouts if len(r.tokens)]
+    assert len(rollouts) == 7
+    for r in rollouts:
+        np.testing.assert_allclose(r.old_logprobs, naive_logprobs(policy0, r.prompt, r.tokens, r.step_map),
+                                   atol=1e-5, rtol=0)
+        np.testing.assert_allclose(r.ref_logprobs, naive_logprobs(reference_model, r.prompt, r.tokens, r.step_map),
+                                   atol=1e-5, rtol=0)
+    assert np.abs(rollouts[0].old_logprobs - rollouts[0].ref_logprobs).max() > 1e-3  # two different models

@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from gtpo_jax.model import ModelConfig, TokenLayout, init_model
-from gtpo_jax.trajectory import token_logprobs
+from gtpo_jax.trajectory import layout_trajectories, token_logprobs
 
 B, MASK, VOCAB = 4, 0, 97
 
@@ -101,10 +101,9 @@ def test_packs_several_samples_per_row_and_tails(model):
     steps = [random_step_map(rng, 9, 6, 2), random_step_map(rng, 6, 5, 2)]
     # sample 0 ends at position 15 (block end): no tail; sample 1 ends at 11: one tail slot
     tails = [([], []), ([5], [steps[1][-1] - 1])]
-    from gtpo_jax.trajectory import layout_rollouts
-
-    batch = layout_rollouts(prompts, responses, steps, block_size=B, mask_id=MASK, tails=tails, row_len=256)
-    assert batch.tokens.shape[0] == 1 and batch.segment.max() == 2  # both samples in one row
+    batch = layout_trajectories(prompts, responses, steps, block_size=B, mask_id=MASK, tails=tails, row_len=256,
+                                vocab_chunk=32)
+    assert batch.arrays["tokens"].shape[:2] == (1, 1) and batch.arrays["segment"].max() == 2  # both in one row
     got = token_logprobs(model, prompts, responses, steps, block_size=B, mask_id=MASK, tails=tails)
     for p, r, s, tl, g in zip(prompts, responses, steps, tails, got):
         np.testing.assert_allclose(g, naive_logprobs(model, p, r, s, tail=tl), atol=1e-5, rtol=0)

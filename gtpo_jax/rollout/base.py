@@ -27,15 +27,27 @@ class RolloutSpec:
 
 @dataclasses.dataclass
 class Rollout:
+    """One response, from the engine that generated it to the GTPO loss: the engine fills the
+    first fields, the trainer adds the rest as the step proceeds (reward, advantage, then the
+    log-probs read off the training layout)."""
+
     prompt: np.ndarray  # int32 prompt ids
     tokens: np.ndarray  # int32 response ids, cut after the stop token / at max_new_tokens
     step_map: np.ndarray  # int32, docs/algorithm.md §2 counting rule
     logprobs: np.ndarray | None  # engine's raw log-probs at the committing forward (docs/algorithm.md §2)
-    tail_tokens: np.ndarray | None  # tokens after the cut up to the end of its block (None: unknown)
-    tail_steps: np.ndarray | None
-    finish_reason: str  # "stop" | "length"
+    tail_tokens: np.ndarray | None = None  # tokens after the cut up to the end of its block (None: unknown)
+    tail_steps: np.ndarray | None = None
+    finish_reason: str = "stop"  # "stop" | "length"
     text: str = ""
     num_forwards: int = 0  # model forwards that processed this sequence (0: not reported by the engine)
+    # -- added by the GTPO step (docs/algorithm.md §5) --
+    reward: float = float("nan")  # total weighted reward
+    advantage: float = 0.0  # (reward − group mean) / group std
+    old_logprobs: np.ndarray | None = None  # l(θ_old) per response token, when num_iterations > 1
+    ref_logprobs: np.ndarray | None = None  # l(θ_ref), when beta > 0
+    # exact-state l(θ_old) (shrink 1) for the truncated importance weight when the loss's own
+    # states are coarser (shrink > 1); docs/algorithm.md §5, training/inference mismatch
+    exact_old_logprobs: np.ndarray | None = None
 
     @property
     def truncated(self) -> bool:

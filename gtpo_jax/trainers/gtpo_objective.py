@@ -7,38 +7,23 @@ its advantage, its normalisation weight and the log-probs it is compared with. D
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Sequence
+from typing import Collection, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gtpo_jax.layout import PackedBatch, SampleLayout, trajectory_layout
+from gtpo_jax.layout import SampleLayout
 from gtpo_jax.losses import gtpo_token_terms, target_logprobs
-from gtpo_jax.trainers.batching import split_evenly, stack_micro_batches
+from gtpo_jax.rollout.base import Rollout
+from gtpo_jax.trajectory import TrajectoryBatch, layout_trajectories
 
 
-@dataclasses.dataclass
-class ScoredRollout:
-    prompt: np.ndarray
-    response: np.ndarray
-    step_map: np.ndarray
-    advantage: float
-    tail: tuple[np.ndarray, np.ndarray] | None = None
-    rollout_logprobs: np.ndarray | None = None  # engine's log-probs (docs/algorithm.md §2)
-    old_logprobs: np.ndarray | None = None  # l(θ_old), needed when num_iterations > 1
-    ref_logprobs: np.ndarray | None = None  # reference model, needed when beta > 0
-    # exact-state l(θ_old) (shrink 1) for the truncated importance weight when the loss's own
-    # states are coarser (shrink > 1); docs/algorithm.md §5, training/inference mismatch
-    exact_old_logprobs: np.ndarray | None = None
-
-
-def check_rollout_logprobs(rollouts: Sequence[ScoredRollout], backend: str) -> None:
+def check_rollout_logprobs(rollouts: Sequence[Rollout], backend: str) -> None:
     """The truncated importance weight needs every token's rollout log-prob; a missing one would
     silently turn the weight into min(p_old, C)."""
-    missing = sum(r.rollout_logprobs is None for r in rollouts)
-    short = sum(r.rollout_logprobs is not None and len(r.rollout_logprobs) != len(r.response) for r in rollouts)
+    missing = sum(r.logprobs is None for r in rollouts)
+    short = sum(r.logprobs is not None and len(r.logprobs) != len(r.tokens) for r in rollouts)
     if missing or short:
         raise ValueError(
             f"gtpo.tis_cap > 0 needs the rollout log-prob of every token, but the {backend!r} rollout backend "
@@ -76,61 +61,47 @@ def normalisation_weights(layouts: Sequence[SampleLayout], loss_norm: str) -> li
 
 
 def build_gtpo_batch(
-    rollouts: Sequence[ScoredRollout],
+    rollouts: Sequence[Rollout],
     *,
     block_size: int,
     mask_id: int,
     shrink: int,
     loss_norm: str,
     micro_batches: int,
-    row_len: int,
     vocab_chunk: int,
+    row_len: int | None = None,
+    max_row_len: int = 0,
     rows_multiple: int = 1,
-) -> tuple[dict[str, np.ndarray], list[PackedBatch]]:
-    layouts = [
-        trajectory_layout(r.prompt, r.response, r.step_map, block_size=block_size, mask_id=mask_id, shrink=shrink,
-                          tail=r.tail)
-        for r in rollouts
-    ]
-    weights = normalisation_weights(layouts, loss_norm)
-    # Responses without targets (empty) count in the normalisation above but need no forward.
-    index = [i for i, lay in enumerate(layouts) if lay.num_targets]
-    if not index:
-        raise ValueError("no rollout of this update has a response token to train on")
-    groups = split_evenly(index, min(micro_batches, len(index)))
-
-    def per_target(g: int, packed: PackedBatch) -> dict[str, np.ndarray]:
-        valid = packed.target_valid
-        sample = np.asarray(groups[g])[packed.target_sample[valid]]
-        position = packed.positions.reshape(-1)[packed.target_index[valid]]
-        t = position - np.array([len(rollouts[i].prompt) for i in sample])  # response index
-        rounds = packed.target_round[valid]
-
-        def token_values(attr):
-            arrays = [getattr(rollouts[i], attr) for i in sample]
-            if all(a is None for a in arrays):  # not used by this run's loss (update_policy checks)
-                return np.zeros(len(sample), np.float32)
-            if any(a is None for a in arrays):
-                raise ValueError(f"{attr} is given for some rollouts of a batch and missing for others")
-            return np.array([a[k] for a, k in zip(arrays, t)], np.float32)
-
-        return {
-            "weight": np.array([weights[i][r] for i, r in zip(sample, rounds)], np.float32),
-            "advantage": np.array([rollouts[i].advantage for i in sample], np.float32),
-            "old_logprob": token_values("old_logprobs"),
-            "ref_logprob": token_values("ref_logprobs"),
-            "rollout_logprob": token_values("rollout_logprobs"),
-            "exact_old_logprob": token_values("exact_old_logprobs"),
-        }
-
-    return stack_micro_batches(
-        [[layouts[i] for i in g] for g in groups],
-        per_target,
-        block_size=block_size,
-        row_len=row_len,
-        rows_multiple=rows_multiple,
-        vocab_chunk=vocab_chunk,
+    known_shapes: Collection[tuple[int, int, int]] = (),
+) -> TrajectoryBatch:
+    """One update's rollouts laid out once (`layout_trajectories`), with per target its
+    normalisation weight, its rollout's advantage and whichever per-token log-probs the rollouts
+    carry (zeros for those none carries: the caller fills them from this very layout)."""
+    batch = layout_trajectories(
+        [r.prompt for r in rollouts], [r.tokens for r in rollouts], [r.step_map for r in rollouts],
+        block_size=block_size, mask_id=mask_id, vocab_chunk=vocab_chunk, tails=[r.tail for r in rollouts],
+        shrink=shrink, micro_batches=micro_batches, row_len=row_len, max_row_len=max_row_len,
+        rows_multiple=rows_multiple, known_shapes=known_shapes,
     )
+    # Responses without targets (empty) count in the normalisation but take no row.
+    weights = normalisation_weights(batch.layouts, loss_norm)
+    valid = batch.target_rollout >= 0
+    arrays = batch.arrays
+    arrays["weight"] = np.zeros(valid.shape, np.float32)
+    arrays["weight"][valid] = [weights[i][r] for i, r in zip(batch.target_rollout[valid], batch.target_round[valid])]
+    arrays["advantage"] = np.zeros(valid.shape, np.float32)
+    arrays["advantage"][valid] = np.array([r.advantage for r in rollouts], np.float32)[batch.target_rollout[valid]]
+    trained = {i for i, lay in enumerate(batch.layouts) if lay.num_targets}
+    for attr, name in (("old_logprobs", "old_logprob"), ("ref_logprobs", "ref_logprob"),
+                       ("logprobs", "rollout_logprob"), ("exact_old_logprobs", "exact_old_logprob")):
+        values = [getattr(r, attr) for r in rollouts]
+        if all(values[i] is None for i in trained):  # not used by this run's loss, or filled in later
+            arrays[name] = np.zeros(valid.shape, np.float32)
+        elif any(values[i] is None for i in trained):
+            raise ValueError(f"{attr} is given for some rollouts of a batch and missing for others")
+        else:
+            arrays[name] = batch.per_target([values[i] if i in trained else None for i in range(len(values))])
+    return batch
 
 
 def gtpo_loss_fn(

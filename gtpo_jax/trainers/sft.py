@@ -13,10 +13,10 @@ import numpy as np
 
 from gtpo_jax.config import Config
 from gtpo_jax.data.tokenizer import TokenIds
-from gtpo_jax.layout import SampleLayout, sft_layout
+from gtpo_jax.layout import PackedBatch, SampleLayout, sft_layout
 from gtpo_jax.losses import target_logprobs
+from gtpo_jax.packing import split_evenly, stack_micro_batches
 from gtpo_jax.rounding import round_up
-from gtpo_jax.trainers.batching import per_sample_mean_weights, split_evenly, stack_micro_batches
 from gtpo_jax.trainers.session import TrainingSession
 
 log = logging.getLogger("gtpo_jax")
@@ -63,6 +63,13 @@ def sft_layouts(
         )
         for prompt, response in samples
     ]
+
+
+def per_sample_mean_weights(layouts: Sequence[SampleLayout], packed: PackedBatch, num_samples: int) -> np.ndarray:
+    """w_t = 1 / (targets of t's sample × samples in the step): Σ w_t·nll_t is the mean over
+    samples of each sample's mean NLL. Samples without any target contribute nothing."""
+    counts = np.array([layouts[i].num_targets for i in packed.target_sample[packed.target_valid]], np.float64)
+    return (1.0 / (counts * max(num_samples, 1))).astype(np.float32)
 
 
 def sft_row_len(cfg: Config) -> int:
