@@ -23,7 +23,7 @@ class NoisyCopy:
     block: int  # absolute block index
     tokens: np.ndarray  # int32 [B]: block tokens with masked slots set to the mask id
     targets: np.ndarray  # int32 [B]: token to predict at each slot, -1 where not a target
-    round: int = 0  # index of this copy among its block's copies (GTPO round_mean groups)
+    round_index: int = 0  # this copy's index among its block's copies: its round (GTPO's round_mean groups)
 
 
 @dataclasses.dataclass

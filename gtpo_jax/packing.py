@@ -116,7 +116,7 @@ def _place_sample(s: SampleLayout, sample: int, seg: int, grid: dict, targets: d
         targets["index"].extend(row * row_len + offset + slots)
         targets["token"].extend(c.targets[slots])
         targets["sample"].extend([sample] * len(slots))
-        targets["round"].extend([c.round] * len(slots))
+        targets["round"].extend([c.round_index] * len(slots))
         offset += block_size
     return offset
 

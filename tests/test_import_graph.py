@@ -21,7 +21,7 @@ LAYERS = [
     ("model files", ["gtpo_jax.hf_io", "gtpo_jax.checkpoint", "gtpo_jax.conversion"]),
     ("data and rewards", ["gtpo_jax.data", "gtpo_jax.rewards"]),
     ("sampling", ["gtpo_jax.sampling"]),
-    ("layout", ["gtpo_jax.layout"]),
+    ("layout", ["gtpo_jax.layout", "gtpo_jax.packing"]),
     ("losses", ["gtpo_jax.losses"]),
     ("trajectory", ["gtpo_jax.trajectory"]),
     ("config tree", ["gtpo_jax.config", "gtpo_jax.memory_plan"]),

@@ -56,7 +56,7 @@ def test_prompt_never_masked_and_post_num():
 def test_noisy_copies_are_independent():
     rng = np.random.default_rng(2)
     lay = sft_layout([5] * 4, [7] * 40, block_size=4, mask_id=MASK, pad_id=PAD, rng=rng, num_noisy_copies=2)
-    first = np.concatenate([c.tokens for c in lay.copies if c.round == 0])
-    second = np.concatenate([c.tokens for c in lay.copies if c.round == 1])
+    first = np.concatenate([c.tokens for c in lay.copies if c.round_index == 0])
+    second = np.concatenate([c.tokens for c in lay.copies if c.round_index == 1])
     assert len(first) == len(second) == 40
     assert not np.array_equal(first, second)

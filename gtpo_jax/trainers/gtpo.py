@@ -221,13 +221,13 @@ def update_policy(session, groups: list[ScoredGroup], cfg: Config, reference,
     g = cfg.gtpo
     advantages = group_advantages(np.stack([grp.rewards for grp in groups]))
     # Empty responses stay: they have nothing to train but count as responses in round_mean.
-    scored = [r for grp in groups for r in grp.rollouts]
-    for r, a in zip(scored, advantages.reshape(-1)):
+    rollouts = [r for grp in groups for r in grp.rollouts]
+    for r, a in zip(rollouts, advantages.reshape(-1)):
         r.advantage = float(a)
     if g.tis_cap > 0:
-        check_rollout_logprobs(scored, cfg.decoding.backend)
+        check_rollout_logprobs(rollouts, cfg.decoding.backend)
     shapes = set() if compiled_shapes is None else compiled_shapes
-    batches = lay_out_updates(scored, cfg, ids=session.ids, rows_multiple=session.data_parallel,
+    batches = lay_out_updates(rollouts, cfg, ids=session.ids, rows_multiple=session.data_parallel,
                               known_shapes=shapes)
     shapes.update((*b.arrays["tokens"].shape[1:], b.arrays["target_valid"].shape[1]) for _, b in batches)
     score_before_updates(session, batches, cfg, reference)
@@ -259,7 +259,7 @@ def update_policy(session, groups: list[ScoredGroup], cfg: Config, reference,
         "clip_fraction": sums["clipped_sum"] / tokens,
         "kl": sums["k3_sum"] / tokens,
         "train_rollout_logprob_abs_diff": sums["rollout_abs_diff_sum"] / tokens
-        if all(s.logprobs is not None for s in scored) else float("nan"),
+        if all(s.logprobs is not None for s in rollouts) else float("nan"),
         "trained_tokens": sums["tokens"] / updates,
         "update_target_tokens": sums["tokens"],
         # row tokens the rollouts fill / row tokens the update computes (padding included)
@@ -268,14 +268,14 @@ def update_policy(session, groups: list[ScoredGroup], cfg: Config, reference,
     }
 
 
-def lay_out_updates(scored: list[Rollout], cfg: Config, *, ids: TokenIds, rows_multiple: int,
+def lay_out_updates(rollouts: list[Rollout], cfg: Config, *, ids: TokenIds, rows_multiple: int,
                     known_shapes: Collection[tuple[int, int, int]] = ()) -> list[tuple[list[Rollout], TrajectoryBatch]]:
     """Each mini-batch's rollouts laid out once, for every iteration of the step; rows fitted to
     what the rollouts need, at most a worst-case rollout's row (or `SHARED_ROW_TOKENS`) long."""
     g = cfg.gtpo
-    worst_row = gtpo_row_len(ids.block_size, cfg.decoding.max_new_tokens, max(len(s.prompt) for s in scored))
+    worst_row = gtpo_row_len(ids.block_size, cfg.decoding.max_new_tokens, max(len(s.prompt) for s in rollouts))
     batches = []
-    for mini in split_evenly(scored, g.mini_batches):
+    for mini in split_evenly(rollouts, g.mini_batches):
         if not any(len(s.tokens) for s in mini):
             log.warning("a mini-batch of %d rollouts has only empty responses; its update is skipped", len(mini))
             continue
@@ -308,8 +308,8 @@ def score_before_updates(session, batches: list[tuple[list[Rollout], TrajectoryB
         if g.tis_cap > 0 and g.shrink > 1:  # the importance weight compares exact states (docs/algorithm.md §5)
             exact = layout_trajectories(
                 [s.prompt for s in mini], [s.tokens for s in mini], [s.step_map for s in mini],
-                block_size=session.ids.block_size, mask_id=session.ids.mask_id, vocab_chunk=chunk, tails=[s.tail for s in mini],
-                shrink=1, micro_batches=cfg.train.micro_batches, max_row_len=batch.arrays["tokens"].shape[-1])
+                block_size=session.ids.block_size, mask_id=session.ids.mask_id, vocab_chunk=chunk,
+                tails=[s.tail for s in mini], shrink=1, micro_batches=cfg.train.micro_batches, max_row_len=batch.arrays["tokens"].shape[-1])
             per_rollout = exact.per_rollout(layout_logprobs(policy, exact, vocab_chunk=chunk))
             for rollout, lp in zip(mini, per_rollout):
                 rollout.exact_old_logprobs = lp

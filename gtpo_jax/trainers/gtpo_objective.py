@@ -48,14 +48,14 @@ def normalisation_weights(layouts: Sequence[SampleLayout], loss_norm: str) -> li
     tokens of the update)."""
     if loss_norm == "token_mean":
         total = sum(lay.num_targets for lay in layouts)
-        return [{c.round: 1.0 / total for c in lay.copies} for lay in layouts]
+        return [{c.round_index: 1.0 / total for c in lay.copies} for lay in layouts]
     if loss_norm != "round_mean":
         raise ValueError(f"loss_norm must be round_mean or token_mean, got {loss_norm!r}")
     out = []
     for lay in layouts:
         counts: dict[int, int] = {}
         for c in lay.copies:
-            counts[c.round] = counts.get(c.round, 0) + int((c.targets >= 0).sum())
+            counts[c.round_index] = counts.get(c.round_index, 0) + int((c.targets >= 0).sum())
         out.append({r: 1.0 / (n * len(layouts)) for r, n in counts.items() if n})
     return out
 
