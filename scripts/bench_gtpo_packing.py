@@ -21,7 +21,7 @@ from gtpo_jax.config import Config
 from gtpo_jax.config_loader import load_config
 from gtpo_jax.data.pipeline import RLPromptSource
 from gtpo_jax.layout import gtpo_row_len
-from gtpo_jax.rollout import make_rollout_backend
+from gtpo_jax.trainers.gtpo import rollout_backend
 from gtpo_jax.trainers.gtpo_objective import build_gtpo_batch, group_advantages, gtpo_loss_fn
 from gtpo_jax.trainers.session import TrainingSession
 
@@ -30,7 +30,7 @@ def measure(session, cfg, repeats: int, steps: int) -> list[dict]:
     g = cfg.gtpo
     session.compile_step(gtpo_loss_fn(eps_low=g.eps_low, eps_high=g.eps_high, beta=0.0, use_old_logprobs=False,
                                       tis_cap=0.0, vocab_chunk=cfg.train.vocab_chunk))
-    backend = make_rollout_backend(cfg, session)
+    backend = rollout_backend(session, cfg)
     rows = []
     for step in range(steps):
         backend.update_params(session.params)  # the updates below donate the parameters it points at
@@ -41,10 +41,10 @@ def measure(session, cfg, repeats: int, steps: int) -> list[dict]:
         rollouts = [r for grp in groups for r in grp]
         for r, a in zip(rollouts, advantages.reshape(-1)):
             r.advantage = float(a)
-        worst = gtpo_row_len(cfg.block_size, cfg.rollout.max_new_tokens, max(len(r.prompt) for r in rollouts))
+        worst = gtpo_row_len(session.ids.block_size, cfg.decoding.max_new_tokens, max(len(r.prompt) for r in rollouts))
         for label, row_len in (("worst-case rows", worst), ("fitted rows", None)):
-            batch = build_gtpo_batch(rollouts, block_size=cfg.block_size, mask_id=session.mask_id, shrink=g.shrink,
-                                     loss_norm=g.loss_norm, micro_batches=cfg.train.micro_batches,
+            batch = build_gtpo_batch(rollouts, block_size=session.ids.block_size, mask_id=session.ids.mask_id,
+                                     shrink=g.shrink, loss_norm=g.loss_norm, micro_batches=cfg.train.micro_batches,
                                      vocab_chunk=cfg.train.vocab_chunk, row_len=row_len, max_row_len=worst,
                                      rows_multiple=session.data_parallel)
             session.update(batch.arrays)  # compile (and warm up)
