@@ -1,7 +1,8 @@
 """Log-likelihoods at target slots and the SFT / GTPO objectives (docs/algorithm.md §3–§5).
 
-Only target slots are projected to the vocabulary, in chunks under `jax.checkpoint`, so neither
-the forward nor the backward ever holds [rows, L, vocab] logits.
+Only target slots are projected to the vocabulary, in (target chunk × vocabulary tile) blocks
+(`gtpo_jax.model.vocab_logprobs`), so neither the forward nor the backward ever holds
+[targets, vocab] logits.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gtpo_jax.model import SDARModel, TokenLayout
+from gtpo_jax.model import SDARModel, TokenLayout, vocab_logprobs
 
 
 def target_logprobs(model: SDARModel, batch: dict, *, vocab_chunk: int = 256) -> jax.Array:
@@ -22,21 +23,9 @@ def target_logprobs(model: SDARModel, batch: dict, *, vocab_chunk: int = 256) ->
     hidden, _ = model(batch["tokens"], batch["positions"], layout)
     flat = hidden.reshape(-1, hidden.shape[-1])
     target_hidden = jnp.take(flat, batch["target_index"], axis=0)
-    head = model.head_weight()
     n = target_hidden.shape[0]
-    chunk = min(vocab_chunk, n)
-    if n % chunk:
-        raise ValueError(f"number of target slots {n} is not a multiple of the chunk size {chunk}")
-
-    @jax.checkpoint
-    def chunk_logprob(h, tok):
-        logits = jnp.einsum("td,dv->tv", h, head.astype(h.dtype), preferred_element_type=jnp.float32)
-        picked = jnp.take_along_axis(logits, tok[:, None], axis=-1)[:, 0]
-        return picked - jax.nn.logsumexp(logits, axis=-1)
-
-    h_chunks = target_hidden.reshape(n // chunk, chunk, -1)
-    t_chunks = batch["target_token"].reshape(n // chunk, chunk)
-    return jax.lax.map(lambda xs: chunk_logprob(*xs), (h_chunks, t_chunks)).reshape(n)
+    return vocab_logprobs.target_logprobs(target_hidden, model.head_weight(), batch["target_token"],
+                                          chunk=min(vocab_chunk, n))
 
 
 def gtpo_token_terms(

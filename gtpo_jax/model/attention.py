@@ -124,8 +124,9 @@ def _forward_tiles(q, k, v, q_ids, k_ids, scale, q_tile, kv_tile):
 
 
 def _backward_tiles(q, k, v, q_ids, k_ids, out, lse, dout, scale):
-    """FlashAttention-2 style backward: one pass for dK/dV (outer loop over key tiles),
-    one for dQ (outer loop over query tiles); scores are recomputed, never stored."""
+    """FlashAttention-2 style backward in one pass: the outer loop runs over key tiles (carrying
+    the query gradient of every tile), the inner over query tiles; each visible tile's scores
+    are recomputed once and give dV, dK and that query tile's dQ share, never stored."""
     # delta_i = sum_d dO_i * O_i, [nq, b, hkv, g, tq]
     delta = jnp.einsum("nbqhgd,nbqhgd->nbhgq", dout.astype(jnp.float32), out.astype(jnp.float32))
 
@@ -133,48 +134,36 @@ def _backward_tiles(q, k, v, q_ids, k_ids, out, lse, dout, scale):
         s, mask = _scores(qt, kt, qi, ki, scale)
         return jnp.where(mask, jnp.exp(s - lse_t[..., None]), 0.0)
 
-    def dkv_for_key_tile(args):
-        kt, vt, ki = args
+    def key_tile_step(dq, kv):
+        kt, vt, ki = kv
 
         def q_step(carry, xs):
-            dk, dv = carry
-            qt, qi, dot, lse_t, delta_t = xs
+            dk, dv, dq = carry
+            i, qt, qi, dot, lse_t, delta_t = xs
 
-            def update(carry):
-                dk, dv = carry
+            def update(dk, dv):
                 p = probs(qt, kt, qi, ki, lse_t)
                 dv = dv + jnp.einsum("bhgqk,bqhgd->bkhd", p, dot.astype(jnp.float32))
                 dp = jnp.einsum("bqhgd,bkhd->bhgqk", dot, vt, preferred_element_type=jnp.float32)
                 ds = p * (dp - delta_t[..., None])
                 dk = dk + jnp.einsum("bhgqk,bqhgd->bkhd", ds, qt.astype(jnp.float32)) * scale
-                return dk, dv
+                dq_tile = jnp.einsum("bhgqk,bkhd->bqhgd", ds, kt.astype(jnp.float32)) * scale
+                return dk, dv, dq_tile
 
-            return jax.lax.cond(jnp.any(visibility(qi, ki)), update, lambda c: c, carry), None
+            def skip(dk, dv):
+                return dk, dv, jnp.zeros(qt.shape, jnp.float32)
+
+            # dQ stays outside the conditional: passing the whole carry through it would copy it
+            dk, dv, dq_tile = jax.lax.cond(jnp.any(visibility(qi, ki)), update, skip, dk, dv)
+            return (dk, dv, dq.at[i].add(dq_tile)), None
 
         zeros = jnp.zeros(kt.shape, jnp.float32)
-        (dk, dv), _ = jax.lax.scan(q_step, (zeros, zeros), (q, q_ids, dout, lse, delta))
-        return dk.astype(k.dtype), dv.astype(v.dtype)
+        xs = (jnp.arange(q.shape[0]), q, q_ids, dout, lse, delta)
+        (dk, dv, dq), _ = jax.lax.scan(q_step, (zeros, zeros, dq), xs)
+        return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
 
-    def dq_for_query_tile(args):
-        qt, qi, dot, lse_t, delta_t = args
-
-        def k_step(dq, xs):
-            kt, vt, ki = xs
-
-            def update(dq):
-                p = probs(qt, kt, qi, ki, lse_t)
-                dp = jnp.einsum("bqhgd,bkhd->bhgqk", dot, vt, preferred_element_type=jnp.float32)
-                ds = p * (dp - delta_t[..., None])
-                return dq + jnp.einsum("bhgqk,bkhd->bqhgd", ds, kt.astype(jnp.float32)) * scale
-
-            return jax.lax.cond(jnp.any(visibility(qi, ki)), update, lambda c: c, dq), None
-
-        dq, _ = jax.lax.scan(k_step, jnp.zeros(qt.shape, jnp.float32), (k, v, k_ids))
-        return dq.astype(q.dtype)
-
-    dk, dv = jax.lax.map(dkv_for_key_tile, (k, v, k_ids))
-    dq = jax.lax.map(dq_for_query_tile, (q, q_ids, dout, lse, delta))
-    return dq, dk, dv
+    dq, (dk, dv) = jax.lax.scan(key_tile_step, jnp.zeros(q.shape, jnp.float32), (k, v, k_ids))
+    return dq.astype(q.dtype), dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
