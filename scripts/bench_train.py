@@ -11,7 +11,8 @@ real SDAR vocabulary (151 936, untied head), 4 layers, hidden 256, intermediate 
   * gtpo_jax: its real jitted update step (`make_update_step`: forward, backward, clip, AdamW):
     noisy copies share one clean pass, tiled attention without an L×L mask, log-probs only at
     the target slots.
-Columns: tokens/s (response tokens per second of step time), the ratio, peak RSS, and for
+Columns: tokens/s (response tokens per second of step time), the ratio, peak RSS, CPU seconds
+per step (process time, all threads: a check on the wall-clock ratio when the machine is shared), and for
 gtpo_jax the step's matmul FLOPs and MFU = FLOPs / step time / matmul peak, the peak being a
 4096³ fp32 `jnp` matmul timed in the same process right after the step. FLOPs come from the
 compiled step's optimized HLO (`hlo_flops.matmul_flops`: every dot, loops multiplied by their trip
@@ -135,12 +136,12 @@ def run_jax(mode: str, length: int, steps: int, workload: dict) -> dict:
     from gtpo_jax.trainers.gtpo_objective import build_gtpo_batch, gtpo_loss_fn
     from gtpo_jax.trainers.sft import build_sft_batch, sft_layouts, sft_loss_fn
 
-    vocab, chunk, tile = workload["vocab"], 512, 512
     cfg = Config(stage=mode)
+    vocab, chunk, tile = workload["vocab"], 512, cfg.model.attn_q_tile  # the config's attention tile
     cfg.block_size = B
     cfg.train.vocab_chunk = chunk
     model = init_model(ModelConfig.tiny(vocab_size=vocab, tie_word_embeddings=False, **MODEL, attn_q_tile=tile,
-                                        attn_kv_tile=tile), seed=0)
+                                        attn_kv_tile=cfg.model.attn_kv_tile), seed=0)
     graphdef, params = nnx.split(model)
     tx, _ = make_optimizer(cfg.optim, 10)
     opt_state = tx.init(params)
@@ -168,13 +169,13 @@ def run_jax(mode: str, length: int, steps: int, workload: dict) -> dict:
     flops = matmul_flops(compiled.as_text(), conditional_weight=tiles)
     params, opt_state, m = compiled(params, opt_state, batch)
     jax.block_until_ready(m)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
         params, opt_state, m = compiled(params, opt_state, batch)
     jax.block_until_ready(m)
-    dt = (time.perf_counter() - t0) / steps
+    dt, cpu = (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
     peak = matmul_peak()
-    return {"tokens_per_s": len(response) / dt, "step_s": dt, "xla_temp_mb": temp / 2**20, "flops": flops,
+    return {"tokens_per_s": len(response) / dt, "step_s": dt, "cpu_s": cpu, "xla_temp_mb": temp / 2**20, "flops": flops,
             "xla_cost_analysis_flops": raw.get("flops"), "visible_tiles": tiles, "peak_flops": peak,
             "mfu": flops / dt / peak, "row_tokens": int(batch["tokens"].shape[-1]), "loss": float(m["loss"])}
 
@@ -242,11 +243,11 @@ def run_torch(mode: str, length: int, steps: int, workload: dict) -> dict:
         return float(loss)
 
     one_step()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
         loss = one_step()
-    dt = (time.perf_counter() - t0) / steps
-    return {"tokens_per_s": len(response) / dt, "step_s": dt, "loss": loss, "forwards": len(rounds)}
+    dt, cpu = (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
+    return {"tokens_per_s": len(response) / dt, "step_s": dt, "cpu_s": cpu, "loss": loss, "forwards": len(rounds)}
 
 
 def child(args) -> None:
@@ -259,9 +260,14 @@ def child(args) -> None:
 
 
 def run_child(impl: str, mode: str, length: int, args) -> dict:
+    """impl "jax", "torch", or "base": gtpo_jax imported from --base-checkout (e.g. a worktree of
+    an earlier commit), for before/after ratios measured in one run."""
+    env = dict(os.environ)
+    if impl == "base":
+        impl, env["PYTHONPATH"] = "jax", os.path.abspath(args.base_checkout)
     cmd = [sys.executable, __file__, "--impl", impl, "--mode", mode, "--length", str(length), "--steps",
            str(args.steps), "--workload", args.workload, "--rss-cap-gb", str(args.rss_cap_gb)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
     if line:
         return json.loads(line[0][7:])
@@ -275,7 +281,8 @@ def main() -> None:
                     help="legacy workload only (the update workload is GTPO)")
     ap.add_argument("--lengths", type=int, nargs="+", default=None,
                     help="response tokens (update; default 1024 2048 4096 8192) or total tokens (legacy)")
-    ap.add_argument("--impls", nargs="+", choices=["jax", "torch"], default=["jax", "torch"])
+    ap.add_argument("--impls", nargs="+", choices=["jax", "torch", "base"], default=["jax", "torch"])
+    ap.add_argument("--base-checkout", help="impl 'base': a checkout whose gtpo_jax is timed as 'base'")
     ap.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
     ap.add_argument("--rss-cap-gb", type=float, default=12.0, help="stop a process whose RSS passes this (0: none)")
     ap.add_argument("--impl", choices=["jax", "torch"], help=argparse.SUPPRESS)
@@ -291,11 +298,11 @@ def main() -> None:
     print(f"workload {args.workload}: model {MODEL}, vocab {workload['vocab']}, block {B}, prompt "
           f"{workload['prompt'] or 'L/4'}, {workload['per_forward']} token(s) per forward, fp32, one sample")
     print(f"{'mode':5} {'L':>6} | {'jax tok/s':>9} {'ref tok/s':>9} {'ratio':>6} | {'jax RSS MB':>10} "
-          f"{'ref RSS MB':>10} | {'GFLOP':>7} {'XLA c_a GF':>10} {'vis.tiles':>9} {'peak GF/s':>9} {'MFU':>6}")
+          f"{'ref RSS MB':>10} | {'jax cpu-s':>9} {'ref cpu-s':>9} | {'GFLOP':>7} {'XLA c_a GF':>10} {'vis.tiles':>9} {'peak GF/s':>9} {'MFU':>6}")
     for mode in modes:
         for length in lengths:
             res = {impl: run_child(impl, mode, length, args) for impl in args.impls}
-            j, t = res.get("jax", {}), res.get("torch", {})
+            j, t, b = res.get("jax", {}), res.get("torch", {}), res.get("base", {})
 
             def f(d, k, fmt):
                 return format(d[k], fmt) if k in d else "-"
@@ -304,9 +311,15 @@ def main() -> None:
             mfu = f"{100 * j['mfu']:.1f}%" if "mfu" in j else "-"
             print(f"{mode:5} {length:>6} | {f(j, 'tokens_per_s', '9.1f')} {f(t, 'tokens_per_s', '9.1f')} {ratio:>6} | "
                   f"{f(j, 'peak_rss_mb', '10.0f')} {f(t, 'peak_rss_mb', '10.0f')} | "
+                  f"{f(j, 'cpu_s', '9.1f')} {f(t, 'cpu_s', '9.1f')} | "
                   f"{j['flops'] / 1e9 if 'flops' in j else float('nan'):7.0f} "
                   f"{(j.get('xla_cost_analysis_flops') or float('nan')) / 1e9:10.0f} {f(j, 'visible_tiles', '9.2f')} "
                   f"{j['peak_flops'] / 1e9 if 'peak_flops' in j else float('nan'):9.0f} {mfu:>6}", flush=True)
+            if b:
+                vs = (f", {b['tokens_per_s'] / t['tokens_per_s']:.2f}x the reference" if "tokens_per_s" in t else "")
+                print(f"      base: {f(b, 'tokens_per_s', '.1f')} tok/s{vs}, {f(b, 'cpu_s', '.1f')} cpu-s, "
+                      f"RSS {f(b, 'peak_rss_mb', '.0f')} MB, {b.get('flops', float('nan')) / 1e9:.0f} GFLOP, MFU "
+                      + (f"{100 * b['mfu']:.1f}%" if "mfu" in b else "-"), flush=True)
             for impl, r in res.items():
                 if "error" in r:
                     print(f"      {impl}: {r['error']}", flush=True)

@@ -104,11 +104,19 @@ def make_update_step(graphdef, tx: optax.GradientTransformation, loss_fn: LossFn
             aux_sum = {k: _AUX_COMBINE.get(k.rsplit("_", 1)[-1], jnp.add)(aux_sum[k], v) for k, v in aux.items()}
             return (grads, loss_sum + loss, aux_sum), None
 
-        zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         first = jax.tree.map(lambda x: x[0], batches)
-        aux_shape = jax.eval_shape(lambda p: loss_fn(nnx.merge(graphdef, p), first)[1], params)
-        zero_aux = {k: jnp.full(s.shape, _AUX_INIT.get(k.rsplit("_", 1)[-1], 0), s.dtype) for k, s in aux_shape.items()}
-        (grads, loss, aux), _ = jax.lax.scan(micro_step, (zero_grads, jnp.float32(0.0), zero_aux), batches)
+        if jax.tree.leaves(batches)[0].shape[0] == 1:
+            # one micro-batch: no accumulator (zero-filling and adding a gradient the size of the
+            # embedding and head costs more than the AdamW update of it)
+            (loss, aux), grads = jax.value_and_grad(
+                lambda p: loss_fn(nnx.merge(graphdef, p), first), has_aux=True)(params)
+            grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+        else:
+            zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+            aux_shape = jax.eval_shape(lambda p: loss_fn(nnx.merge(graphdef, p), first)[1], params)
+            zero_aux = {k: jnp.full(s.shape, _AUX_INIT.get(k.rsplit("_", 1)[-1], 0), s.dtype)
+                        for k, s in aux_shape.items()}
+            (grads, loss, aux), _ = jax.lax.scan(micro_step, (zero_grads, jnp.float32(0.0), zero_aux), batches)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt_state = tx.update(grads, opt_state, params)
