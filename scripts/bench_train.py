@@ -169,6 +169,8 @@ def run_jax(mode: str, length: int, steps: int, workload: dict) -> dict:
     flops = matmul_flops(compiled.as_text(), conditional_weight=tiles)
     params, opt_state, m = compiled(params, opt_state, batch)
     jax.block_until_ready(m)
+    if steps == 0:  # memory only: one step, no timing
+        return {"xla_temp_mb": temp / 2**20, "row_tokens": int(batch["tokens"].shape[-1]), "loss": float(m["loss"])}
     t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
         params, opt_state, m = compiled(params, opt_state, batch)
@@ -283,7 +285,7 @@ def main() -> None:
                     help="response tokens (update; default 1024 2048 4096 8192) or total tokens (legacy)")
     ap.add_argument("--impls", nargs="+", choices=["jax", "torch", "base"], default=["jax", "torch"])
     ap.add_argument("--base-checkout", help="impl 'base': a checkout whose gtpo_jax is timed as 'base'")
-    ap.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
+    ap.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step (0: peak memory only)")
     ap.add_argument("--rss-cap-gb", type=float, default=12.0, help="stop a process whose RSS passes this (0: none)")
     ap.add_argument("--impl", choices=["jax", "torch"], help=argparse.SUPPRESS)
     ap.add_argument("--length", type=int, help=argparse.SUPPRESS)
