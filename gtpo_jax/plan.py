@@ -39,7 +39,8 @@ from gtpo_jax.packing import pack, power_of_two_bucket
 from gtpo_jax.plan_costs import ACCELERATORS, count_matmuls, fsdp_comm_bytes, original_layout, visible_tile_fraction
 from gtpo_jax.plan_report import ROOFLINE_NOTE, ProgramPlan, gib, extrapolate, largest_arrays, report
 from gtpo_jax.rounding import round_up
-from gtpo_jax.sampling.sampler import BlockDiffusionSampler, SamplerConfig, _generate, _Static
+from gtpo_jax.sampling.decode import generate_loop
+from gtpo_jax.sampling.sampler import BlockDiffusionSampler, SamplerConfig
 from gtpo_jax.sharding import BATCH_AXES, build_mesh, optimizer_shardings, param_shardings
 from gtpo_jax.trainers.common import make_optimizer, make_update_step
 from gtpo_jax.trainers.gtpo_objective import gtpo_loss_fn
@@ -222,11 +223,10 @@ def plan_sampler(cfg: Config, graphdef, params, mesh, model_cfg: ModelConfig, pr
     ids = TokenIds(block_size=b, mask_id=model_cfg.vocab_size - 1, pad_id=0, stop_ids=(0,))  # shapes only
     sampler_cfg = SamplerConfig.of(r, ids)
     sampler = BlockDiffusionSampler(nnx.merge(graphdef, params), sampler_cfg, mesh=mesh)
-    pb, cache_len = sampler._buckets(prompt_len)
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     batch = per_device * dp
-    st = _Static(batch, pb, cache_len, b, sampler_cfg.mask_id, sampler_cfg.stop_ids, r.strategy, sampler_cfg.commit_k,
-                 r.top_k, r.top_p < 1.0, False, mesh)
+    st = sampler.decode_shape(batch, prompt_len)
+    pb, cache_len = st.prompt_len, st.cache_len
     rows = NamedSharding(mesh, P(BATCH_AXES))
     args = (params, _sds((batch, pb), jnp.int32, NamedSharding(mesh, P(BATCH_AXES, None))),
             _sds((batch,), jnp.int32, rows), _sds((batch,), jnp.int32, rows),
@@ -234,7 +234,7 @@ def plan_sampler(cfg: Config, graphdef, params, mesh, model_cfg: ModelConfig, pr
             _sds((4,), jnp.float32, NamedSharding(mesh, P())))
 
     def generate(p, *a, st):
-        return _generate(graphdef, p, *a, st=st)
+        return generate_loop(graphdef, p, *a, st=st)
 
     return compile_program(
         "sampler", f"{batch} sequences ({per_device}/device), prompt bucket {pb}, KV cache {cache_len} slots; "

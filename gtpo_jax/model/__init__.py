@@ -9,12 +9,13 @@ from flax import nnx
 
 from gtpo_jax.model.attention import TokenLayout, block_causal_attention, visibility
 from gtpo_jax.model.config import ModelConfig, ModelConfigError
+from gtpo_jax.model.kv_cache import KVCache
 from gtpo_jax.model.params import CheckpointMismatchError
-from gtpo_jax.model.sdar import KVContext, LayerKV, SDARModel, init_model
+from gtpo_jax.model.sdar import LayerKV, SDARModel, init_model
 
 __all__ = [
     "CheckpointMismatchError",
-    "KVContext",
+    "KVCache",
     "LayerKV",
     "ModelConfig",
     "ModelConfigError",

@@ -17,6 +17,7 @@ from flax import nnx
 
 from gtpo_jax.model.attention import TokenLayout, block_causal_attention
 from gtpo_jax.model.config import ModelConfig
+from gtpo_jax.model.kv_cache import KVCache, cached_attention
 from gtpo_jax.sharding import constrain_batch
 
 
@@ -27,11 +28,13 @@ class LayerKV(NamedTuple):
     v: jax.Array
 
 
-class KVContext(NamedTuple):
-    """Earlier tokens to attend to (a sampler's cache of finished blocks)."""
+class LayerCache(NamedTuple):
+    """One layer's view of a `KVCache` (k, v [batch, kv_heads, capacity, head_dim])."""
 
-    layers: tuple[LayerKV, ...]
-    layout: TokenLayout
+    k: jax.Array
+    v: jax.Array
+    length: jax.Array
+    tile: int
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, init=None):
@@ -124,24 +127,20 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps, "head_dim", pd)
         self.cfg = cfg
 
-    def __call__(self, x, positions, layout: TokenLayout, rope, context: tuple[LayerKV, TokenLayout] | None):
+    def __call__(self, x, positions, layout: TokenLayout, rope, cache: LayerCache | None):
         dt = x.dtype
         q = jnp.einsum("bld,dnh->blnh", x, self.q_proj[...].astype(dt))
         k = jnp.einsum("bld,dnh->blnh", x, self.k_proj[...].astype(dt))
         v = jnp.einsum("bld,dnh->blnh", x, self.v_proj[...].astype(dt))
         q = apply_rope(self.q_norm(q), positions, *rope)
         k = apply_rope(self.k_norm(k), positions, *rope)
-        new_kv = LayerKV(k, v)
-        keys, values, kv_layout = k, v, layout
-        if context is not None:
-            past, past_layout = context
-            keys = jnp.concatenate([past.k.astype(dt), k], axis=1)
-            values = jnp.concatenate([past.v.astype(dt), v], axis=1)
-            kv_layout = TokenLayout(*(jnp.concatenate([a, b], axis=1) for a, b in zip(past_layout, layout)))
-        out = block_causal_attention(
-            q, keys, values, layout, kv_layout, q_tile=self.cfg.attn_q_tile, kv_tile=self.cfg.attn_kv_tile
-        )
-        return jnp.einsum("blnh,nhd->bld", out, self.o_proj[...].astype(dt)), new_kv
+        if cache is None:
+            out = block_causal_attention(q, k, v, layout, layout, q_tile=self.cfg.attn_q_tile,
+                                         kv_tile=self.cfg.attn_kv_tile)
+        else:
+            out = cached_attention(q, k, v, layout, cache.k.astype(dt), cache.v.astype(dt), cache.length,
+                                   tile=cache.tile)
+        return jnp.einsum("blnh,nhd->bld", out, self.o_proj[...].astype(dt)), LayerKV(k, v)
 
 
 class MLP(nnx.Module):
@@ -196,18 +195,20 @@ class SDARModel(nnx.Module):
         tokens: jax.Array,
         positions: jax.Array,
         layout: TokenLayout,
-        context: KVContext | None = None,
+        cache: KVCache | None = None,
+        cache_tile: int = 0,
     ) -> tuple[jax.Array, tuple[LayerKV, ...]]:
         """tokens, positions int [batch, length] -> (final hidden [batch, length, hidden],
-        per-layer keys/values of these tokens). `context` holds keys/values of earlier tokens."""
+        per-layer keys/values of these tokens). `cache` holds keys/values of earlier clean blocks
+        that every token sees (a sampler's), walked in tiles of `cache_tile` positions."""
         dt = jnp.dtype(self.cfg.dtype)
         x = constrain_batch(jnp.take(self.embed_tokens[...], tokens, axis=0).astype(dt))
         inv_freq, attention_factor = rope_inv_freq(self.cfg)
         rope = (jnp.asarray(inv_freq), attention_factor)
         new_kvs = []
         for i, layer in enumerate(self.layers):
-            layer_ctx = None if context is None else (context.layers[i], context.layout)
-            if self.cfg.remat != "none":
+            layer_ctx = None if cache is None else LayerCache(cache.k[i], cache.v[i], cache.length, cache_tile)
+            if self.cfg.remat != "none" and cache is None:  # remat serves gradients; decoding has none
                 call = nnx.remat(
                     lambda lyr, x, p, lay, ctx: lyr(x, p, lay, rope, ctx),
                     policy=_REMAT_POLICIES[self.cfg.remat],

@@ -1,0 +1,204 @@
+"""The jitted decode loop: the whole generation of a batch is one `lax.while_loop` on the device.
+
+Every iteration runs one forward of the current block's B slots per sequence on top of a
+preallocated KV cache of finished blocks (`gtpo_jax.model.KVCache`; attention reads only its
+filled part). A block that has just completed is clean and its keys/values must enter the cache:
+in iterations where some sequence has such a block, the forward runs 2·B slots instead — the
+previous block, clean, in slots [0, B) (segment 0, invisible, for sequences that have nothing to
+write), then the current block — so the write costs no extra forward (LMDeploy spends one).
+When all sequences advance in step (equal prompts, a static strategy) that is one iteration of
+B + 1 per block; sequences that drift apart make more iterations wide.
+
+Sequences advance independently (each has its own block, step counter and finish state), so a
+batch may mix prompt lengths; blocks stay aligned to absolute positions.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from gtpo_jax.model import KVCache, SDARModel, TokenLayout
+from gtpo_jax.sampling.rules import score_slots, select_slots
+from gtpo_jax.sharding import BATCH_AXES
+
+
+class DecodeShape(NamedTuple):
+    """Everything the compiled loop specialises on (shapes and discrete options)."""
+
+    batch: int
+    prompt_len: int  # the prompt bucket
+    cache_len: int  # positions of the cache and of the per-slot outputs, a multiple of cache_tile
+    cache_tile: int  # positions of the cache attention reads per tile
+    block_size: int
+    mask_id: int
+    stop_ids: tuple[int, ...]
+    strategy: str
+    commit_k: int
+    top_k: int
+    use_top_p: bool
+    greedy: bool
+    mesh: Mesh | None
+
+
+class _State(NamedTuple):
+    tokens: jax.Array  # [b, L] int32: prompt, committed tokens, mask elsewhere
+    steps: jax.Array  # [b, L] int32: the forward (1-based) that committed each slot, 0 = not generated
+    logp: jax.Array  # [b, L] float32: raw log-prob of each committed token
+    conf: jax.Array  # [b, L] float32: its confidence
+    k: tuple[jax.Array, ...]  # per layer [b, kv_heads, L, head_dim]
+    v: tuple[jax.Array, ...]
+    block: jax.Array  # [b]: the block being decoded
+    cached: jax.Array  # [b]: blocks in the cache (block - 1 while the previous one waits to be written)
+    write_prev: jax.Array  # [b] bool: the previous block is complete and not cached yet
+    counter: jax.Array  # [b]: forwards run for this sequence (its step numbers)
+    done: jax.Array  # [b] bool
+    stop_cut: jax.Array  # [b]: end of the tokens after a stop token, 0 = no stop
+
+
+def _constrain(x: jax.Array, st: DecodeShape) -> jax.Array:
+    """Keep a per-sequence array's leading dimension on the data-parallel axes."""
+    if st.mesh is None:
+        return x
+    spec = PartitionSpec(BATCH_AXES, *([None] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(st.mesh, spec))
+
+
+def _put_rows(array: jax.Array, values: jax.Array, start: jax.Array, axis: int = 1) -> jax.Array:
+    """array[b, ..., start[b] : start[b] + n, ...] = values[b] along `axis` (of the batched array)."""
+    def one(a, v, s):
+        return jax.lax.dynamic_update_slice_in_dim(a, v, s, axis=axis - 1)
+
+    return jax.vmap(one)(array, values, start)
+
+
+def _prefill(model: SDARModel, prompt, prompt_len, done, st: DecodeShape) -> _State:
+    """The prompt's full blocks enter the cache; its partial block is decoded in place."""
+    cfg, (b, pb, L) = model.cfg, (st.batch, st.prompt_len, st.cache_len)
+    first_block = prompt_len // st.block_size
+    pos = jnp.broadcast_to(jnp.arange(pb, dtype=jnp.int32), (b, pb))
+    seg = (pos < (first_block * st.block_size)[:, None]).astype(jnp.int32)
+    _, kvs = model(prompt, pos, TokenLayout(seg, pos // st.block_size, jnp.zeros_like(pos)))
+
+    def to_cache(x):  # [b, pb, heads, d] -> [b, heads, L, d]
+        x = jnp.pad(x.astype(cfg.dtype).transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, L - pb), (0, 0)))
+        return _constrain(x, st)
+
+    tokens = jnp.concatenate([prompt, jnp.full((b, L - pb), st.mask_id, jnp.int32)], axis=1)
+    zeros_i, zeros_f, zero_b = jnp.zeros((b, L), jnp.int32), jnp.zeros((b, L), jnp.float32), jnp.zeros(b, jnp.int32)
+    return _State(tokens, zeros_i, zeros_f, zeros_f, tuple(to_cache(kv.k) for kv in kvs),
+                  tuple(to_cache(kv.v) for kv in kvs), first_block, first_block, jnp.zeros(b, bool), zero_b, done,
+                  zero_b)
+
+
+def _window_forward(model: SDARModel, s: _State, st: DecodeShape, fused: bool):
+    """Final hidden states of the current block [b, B, hidden] and, when `fused`, the keys and
+    values of the previous block (per layer [b, kv_heads, B, head_dim]; zeros otherwise)."""
+    B, L = st.block_size, st.cache_len
+    width = 2 * B if fused else B
+    idx = (s.block - (1 if fused else 0))[:, None] * B + jnp.arange(width, dtype=jnp.int32)
+    pos = jnp.clip(idx, 0, L - 1)
+    tok = jnp.take_along_axis(s.tokens, pos, axis=1)
+    seg = jnp.ones_like(idx)
+    if fused:
+        seg = jnp.where(jnp.arange(width) < B, s.write_prev[:, None], True).astype(jnp.int32)
+    layout = TokenLayout(seg, jnp.floor_divide(idx, B), jnp.zeros_like(idx))
+    hidden, kvs = model(tok, pos, layout, KVCache(s.k, s.v, s.cached * B), cache_tile=st.cache_tile)
+    if fused:
+        prev_k = tuple(kv.k[:, :B].transpose(0, 2, 1, 3) for kv in kvs)
+        prev_v = tuple(kv.v[:, :B].transpose(0, 2, 1, 3) for kv in kvs)
+    else:
+        prev_k = prev_v = tuple(jnp.zeros((st.batch, c.shape[1], B, c.shape[3]), c.dtype) for c in s.k)
+    return hidden[:, -B:], prev_k, prev_v
+
+
+def _write_prev_block(s: _State, prev_k, prev_v, st: DecodeShape) -> _State:
+    """The previous block's clean keys/values enter the cache of the sequences that wait for it."""
+    B = st.block_size
+    write = s.write_prev & ~s.done
+    at = jnp.maximum(s.block - 1, 0) * B
+    keep = write[:, None, None, None]
+
+    def put(cache, new):
+        old = jax.vmap(lambda c, a: jax.lax.dynamic_slice_in_dim(c, a, B, axis=1))(cache, at)
+        return _constrain(_put_rows(cache, jnp.where(keep, new.astype(cache.dtype), old), at, axis=2), st)
+
+    return s._replace(k=tuple(map(put, s.k, prev_k)), v=tuple(map(put, s.v, prev_v)), cached=s.cached + write)
+
+
+def _decode_step(model: SDARModel, s: _State, prompt_len, limit, keys, knobs, st: DecodeShape) -> _State:
+    """One forward: score the current block, commit slots, write the previous block, finish blocks."""
+    B = st.block_size
+    temperature, threshold, top_p, min_new = knobs[0], knobs[1], knobs[2], knobs[3]
+    active = ~s.done
+    hidden, prev_k, prev_v = jax.lax.cond(
+        jnp.any(s.write_prev & active),
+        lambda s: _window_forward(model, s, st, fused=True),
+        lambda s: _window_forward(model, s, st, fused=False), s)
+    s = _write_prev_block(s, prev_k, prev_v, st)
+    logits = model.logits(hidden)  # [b, B, V] float32
+
+    j, first_block = s.block, prompt_len // B
+    stop_vocab = jnp.zeros((logits.shape[-1],), bool).at[jnp.asarray(st.stop_ids, jnp.int32)].set(True)
+    suppress = (min_new - B * (j - first_block)) > 0  # stop tokens barred until min_new_tokens
+    scored = jnp.where(suppress[:, None, None] & stop_vocab, -jnp.inf, logits / temperature)
+    step = s.counter + 1
+    chosen, conf, raw = score_slots(logits, scored, keys, step, greedy=st.greedy, top_k=st.top_k,
+                                    top_p=top_p if st.use_top_p else None)
+
+    at = j * B
+    cur_pos = at[:, None] + jnp.arange(B, dtype=jnp.int32)
+    cur_tok = jnp.take_along_axis(s.tokens, cur_pos, axis=1)
+    cur_steps = jnp.take_along_axis(s.steps, cur_pos, axis=1)
+    # Every generated slot of the block is decoded, also past the length limit (LMDeploy decodes
+    # the last block whole); the host cuts at the limit and returns the rest as tail.
+    gen = cur_pos >= prompt_len[:, None]
+    masked = gen & (cur_steps == 0) & active[:, None]
+    commit = select_slots(masked, conf, threshold, st.strategy, st.commit_k)
+    new_tok = jnp.where(commit, chosen, cur_tok)
+    new_steps = jnp.where(commit, step[:, None], cur_steps)
+
+    def put(array, value):
+        return _put_rows(array, jnp.where(commit, value, jnp.take_along_axis(array, cur_pos, axis=1)), at)
+
+    s = s._replace(tokens=_put_rows(s.tokens, new_tok, at), steps=_put_rows(s.steps, new_steps, at),
+                   logp=put(s.logp, raw), conf=put(s.conf, conf), counter=s.counter + active)
+
+    # Block completion: stop check, length check, or on to the next block.
+    complete = active & ~jnp.any(gen & (new_steps == 0), axis=1)
+    # a stop token past the limit does not count: the length cut comes first
+    is_stop = gen & (cur_pos < limit[:, None]) & jnp.isin(new_tok, jnp.asarray(st.stop_ids, jnp.int32))
+    stopped = complete & jnp.any(is_stop, axis=1)
+    length_end = complete & ~stopped & ((j + 1) * B >= limit)
+    advance = complete & ~stopped & ~length_end
+    return s._replace(stop_cut=jnp.where(stopped, at + jnp.argmax(is_stop, axis=1) + 1, s.stop_cut),
+                      done=s.done | stopped | length_end, block=j + advance, write_prev=advance)
+
+
+def generate_loop(graphdef, params, prompt, prompt_len, limit, keys, done, knobs, st: DecodeShape) -> dict:
+    """prompt [b, Pb] (mask-padded), prompt_len / limit (= P + max_new) [b], keys [b] PRNG keys,
+    done [b] (padding rows), knobs float32 [4] = temperature, threshold, top_p, min_new_tokens.
+    Returns per-slot tokens / steps / raw log-probs / confidences [b, L] and per sequence the stop
+    cut (0 = length finish), the finish flag and the decode forwards run."""
+    model: SDARModel = nnx.merge(graphdef, params)
+    s = _prefill(model, prompt, prompt_len, done, st)
+    max_iters = (st.cache_len // st.block_size + 1) * (st.block_size + 1)
+
+    def body(carry):
+        it, s = carry
+        return it + 1, _decode_step(model, s, prompt_len, limit, keys, knobs, st)
+
+    def cond(carry):
+        it, s = carry
+        return (it < max_iters) & ~jnp.all(s.done)
+
+    _, s = jax.lax.while_loop(cond, body, (jnp.int32(0), s))
+    return dict(tokens=s.tokens, steps=s.steps, logp=s.logp, conf=s.conf, done=s.done, stop_cut=s.stop_cut,
+                forwards=s.counter)
+
+
+generate_loop_jit = jax.jit(generate_loop, static_argnames=("graphdef", "st"))
