@@ -1,9 +1,10 @@
 """A sampler's KV cache of finished clean blocks, and attention of a few new tokens over it.
 
-The cache is preallocated, one [batch, kv_heads, capacity, head_dim] array per layer for keys
-and for values (separate arrays: a slice of a stacked one would be a copy per layer and step),
-heads before positions so that the score and value products read it as stored (no transpose
-copy per step). Its first `length[b]` positions are filled with clean blocks earlier than any
+The cache is preallocated, one array per layer for keys and for values (separate arrays: a
+slice of a stacked one would be a copy per layer and step), laid out as the two products of a
+decode step read them: keys [batch, kv_heads, head_dim, capacity] (scores = q @ K), values
+[batch, kv_heads, capacity, head_dim] (out = p @ V). With so few query rows per head, keys
+stored [.., capacity, head_dim] make the score product three times slower on a CPU. Its first `length[b]` positions are filled with clean blocks earlier than any
 query of the forward, so every (non-padding) query sees all of them: visibility inside the cache
 is a length, and only the new tokens' own keys need the block-causal rule (`visibility`).
 
@@ -24,7 +25,8 @@ from gtpo_jax.model.attention import TokenLayout, visibility
 
 
 class KVCache(NamedTuple):
-    """k, v: per layer [batch, kv_heads, capacity, head_dim]; length int32 [batch]: filled positions."""
+    """Per layer k [batch, kv_heads, head_dim, capacity] and v [batch, kv_heads, capacity, head_dim];
+    length int32 [batch]: filled positions."""
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
@@ -44,11 +46,11 @@ def _online_softmax_step(carry, s, v):
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: TokenLayout, cache_k: jax.Array,
                      cache_v: jax.Array, length: jax.Array, *, tile: int) -> jax.Array:
-    """q [b, lq, hq, d] over the cache's first length[b] positions (cache_k/v [b, hkv, capacity, d],
-    capacity a multiple of `tile`) and the new tokens' own keys/values k, v [b, lq, hkv, d] under
+    """q [b, lq, hq, d] over the cache's first length[b] positions (`KVCache` layouts, capacity a
+    multiple of `tile`) and the new tokens' own keys/values k, v [b, lq, hkv, d] under
     `layout`. Queries of segment 0 (padding) see nothing and return zeros."""
     b, lq, hq, d = q.shape
-    hkv, capacity = cache_k.shape[1], cache_k.shape[2]
+    hkv, capacity = cache_k.shape[1], cache_k.shape[3]
     if capacity % tile:
         raise ValueError(f"cache capacity {capacity} is not a multiple of the tile {tile}")
     g = hq // hkv
@@ -65,10 +67,10 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: TokenLayo
     carry = _online_softmax_step(init, jnp.where(own, s, -jnp.inf), v.transpose(0, 2, 1, 3))
 
     def cache_tile(i, carry):
-        kt = jax.lax.dynamic_slice_in_dim(cache_k, i * tile, tile, axis=2)
+        kt = jax.lax.dynamic_slice_in_dim(cache_k, i * tile, tile, axis=3)
         vt = jax.lax.dynamic_slice_in_dim(cache_v, i * tile, tile, axis=2)
         filled = (i * tile + jnp.arange(tile)) < length[:, None]  # [b, t]
-        s = jnp.einsum("bhrd,bhtd->bhrt", qr, kt, preferred_element_type=jnp.float32) * scale
+        s = jnp.einsum("bhrd,bhdt->bhrt", qr, kt, preferred_element_type=jnp.float32) * scale
         return _online_softmax_step(carry, jnp.where(real & filled[:, None, None], s, -jnp.inf), vt)
 
     n_tiles = (jnp.max(length) + tile - 1) // tile

@@ -50,8 +50,8 @@ class _State(NamedTuple):
     steps: jax.Array  # [b, L] int32: the forward (1-based) that committed each slot, 0 = not generated
     logp: jax.Array  # [b, L] float32: raw log-prob of each committed token
     conf: jax.Array  # [b, L] float32: its confidence
-    k: tuple[jax.Array, ...]  # per layer [b, kv_heads, L, head_dim]
-    v: tuple[jax.Array, ...]
+    k: tuple[jax.Array, ...]  # per layer [b, kv_heads, head_dim, L] (the KVCache layouts)
+    v: tuple[jax.Array, ...]  # per layer [b, kv_heads, L, head_dim]
     block: jax.Array  # [b]: the block being decoded
     cached: jax.Array  # [b]: blocks in the cache (block - 1 while the previous one waits to be written)
     write_prev: jax.Array  # [b] bool: the previous block is complete and not cached yet
@@ -84,20 +84,22 @@ def _prefill(model: SDARModel, prompt, prompt_len, done, st: DecodeShape) -> _St
     seg = (pos < (first_block * st.block_size)[:, None]).astype(jnp.int32)
     _, kvs = model(prompt, pos, TokenLayout(seg, pos // st.block_size, jnp.zeros_like(pos)))
 
-    def to_cache(x):  # [b, pb, heads, d] -> [b, heads, L, d]
-        x = jnp.pad(x.astype(cfg.dtype).transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, L - pb), (0, 0)))
-        return _constrain(x, st)
+    def to_cache(x, keys: bool):  # [b, pb, heads, d] -> keys [b, heads, d, L], values [b, heads, L, d]
+        x = x.astype(cfg.dtype).transpose((0, 2, 3, 1) if keys else (0, 2, 1, 3))
+        pad = [(0, 0)] * 4
+        pad[3 if keys else 2] = (0, L - pb)
+        return _constrain(jnp.pad(x, pad), st)
 
     tokens = jnp.concatenate([prompt, jnp.full((b, L - pb), st.mask_id, jnp.int32)], axis=1)
     zeros_i, zeros_f, zero_b = jnp.zeros((b, L), jnp.int32), jnp.zeros((b, L), jnp.float32), jnp.zeros(b, jnp.int32)
-    return _State(tokens, zeros_i, zeros_f, zeros_f, tuple(to_cache(kv.k) for kv in kvs),
-                  tuple(to_cache(kv.v) for kv in kvs), first_block, first_block, jnp.zeros(b, bool), zero_b, done,
+    return _State(tokens, zeros_i, zeros_f, zeros_f, tuple(to_cache(kv.k, True) for kv in kvs),
+                  tuple(to_cache(kv.v, False) for kv in kvs), first_block, first_block, jnp.zeros(b, bool), zero_b, done,
                   zero_b)
 
 
 def _window_forward(model: SDARModel, s: _State, st: DecodeShape, fused: bool):
     """Final hidden states of the current block [b, B, hidden] and, when `fused`, the keys and
-    values of the previous block (per layer [b, kv_heads, B, head_dim]; zeros otherwise)."""
+    values of the previous block in the cache layouts (zeros otherwise)."""
     B, L = st.block_size, st.cache_len
     width = 2 * B if fused else B
     idx = (s.block - (1 if fused else 0))[:, None] * B + jnp.arange(width, dtype=jnp.int32)
@@ -109,10 +111,11 @@ def _window_forward(model: SDARModel, s: _State, st: DecodeShape, fused: bool):
     layout = TokenLayout(seg, jnp.floor_divide(idx, B), jnp.zeros_like(idx))
     hidden, kvs = model(tok, pos, layout, KVCache(s.k, s.v, s.cached * B), cache_tile=st.cache_tile)
     if fused:
-        prev_k = tuple(kv.k[:, :B].transpose(0, 2, 1, 3) for kv in kvs)
+        prev_k = tuple(kv.k[:, :B].transpose(0, 2, 3, 1) for kv in kvs)
         prev_v = tuple(kv.v[:, :B].transpose(0, 2, 1, 3) for kv in kvs)
     else:
-        prev_k = prev_v = tuple(jnp.zeros((st.batch, c.shape[1], B, c.shape[3]), c.dtype) for c in s.k)
+        prev_k = tuple(jnp.zeros(c.shape[:3] + (B,), c.dtype) for c in s.k)
+        prev_v = tuple(jnp.zeros(c.shape[:2] + (B,) + c.shape[3:], c.dtype) for c in s.v)
     return hidden[:, -B:], prev_k, prev_v
 
 
@@ -123,11 +126,12 @@ def _write_prev_block(s: _State, prev_k, prev_v, st: DecodeShape) -> _State:
     at = jnp.maximum(s.block - 1, 0) * B
     keep = write[:, None, None, None]
 
-    def put(cache, new):
-        old = jax.vmap(lambda c, a: jax.lax.dynamic_slice_in_dim(c, a, B, axis=1))(cache, at)
-        return _constrain(_put_rows(cache, jnp.where(keep, new.astype(cache.dtype), old), at, axis=2), st)
+    def put(cache, new, axis):  # `axis` of the batched cache holds positions
+        old = jax.vmap(lambda c, a: jax.lax.dynamic_slice_in_dim(c, a, B, axis=axis - 1))(cache, at)
+        return _constrain(_put_rows(cache, jnp.where(keep, new.astype(cache.dtype), old), at, axis=axis), st)
 
-    return s._replace(k=tuple(map(put, s.k, prev_k)), v=tuple(map(put, s.v, prev_v)), cached=s.cached + write)
+    return s._replace(k=tuple(put(c, n, 3) for c, n in zip(s.k, prev_k)),
+                      v=tuple(put(c, n, 2) for c, n in zip(s.v, prev_v)), cached=s.cached + write)
 
 
 def _decode_step(model: SDARModel, s: _State, prompt_len, limit, keys, knobs, st: DecodeShape) -> _State:
