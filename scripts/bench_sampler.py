@@ -18,6 +18,11 @@ by a warm-up call with the same shapes; each timing alternates the two implement
     python scripts/bench_sampler.py                                   # both baselines, 128 new tokens
     python scripts/bench_sampler.py --new-tokens 1024 --against transformers
     python scripts/bench_sampler.py --new-tokens 64 --batch 4         # a quick look
+    taskset -c 1 python scripts/bench_sampler.py --against transformers   # on a loaded machine
+
+On a machine shared with other jobs, pin the run to one core (`taskset`): torch then runs one
+thread and XLA's pool stays on that core, so both implementations lose the same share to the
+load, whereas torch's multi-threaded kernels stall badly when their threads are descheduled.
 """
 
 from __future__ import annotations
