@@ -7,7 +7,6 @@ Everything here is numpy: it runs on the host, before the jitted step.
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Collection, Sequence
 
 import chex
@@ -156,7 +155,7 @@ def fitted_row_shape(groups: Sequence[Sequence[SampleLayout]], *, max_row_len: i
         rows = bucket_size(max(len(first_fit_rows(ls, row_len)) for ls in lengths), rows_multiple)
         if best is None or rows * row_len <= best[0] * best[1]:  # ties: longer rows, fewer row ends
             best = (rows, row_len)
-        row_len = row_unit * 2 ** math.ceil(math.log2(row_len / row_unit + 1))  # next power of two
+        row_len = power_of_two_bucket(row_len + 1, row_unit)  # the next power of two × row_unit
     return best
 
 
