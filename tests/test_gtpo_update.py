@@ -15,7 +15,7 @@ from gtpo_jax.data.tokenizer import TokenIds
 from gtpo_jax.model import ModelConfig, init_model
 from gtpo_jax.rollout.base import Rollout
 from gtpo_jax.trainers.common import make_update_step
-from gtpo_jax.trainers.gtpo import ScoredGroup, update_policy
+from gtpo_jax.trainers.gtpo import ScoredGroup, speed_signal_metrics, update_policy
 from gtpo_jax.trainers.gtpo_objective import gtpo_loss_fn
 from test_gtpo_loss import B, MASK, VOCAB, direct_logprobs, direct_loss, make_rollouts
 from test_trajectory import naive_logprobs
@@ -141,3 +141,19 @@ def test_old_and_reference_logprobs_are_read_off_the_one_training_layout(monkeyp
         np.testing.assert_allclose(r.ref_logprobs, naive_logprobs(reference_model, r.prompt, r.tokens, r.step_map),
                                    atol=1e-5, rtol=0)
     assert np.abs(rollouts[0].old_logprobs - rollouts[0].ref_logprobs).max() > 1e-3  # two different models
+
+
+def test_speed_signal_metrics_measure_tpf_among_right_answers():
+    def group(step_maps, correct):
+        rollouts = [Rollout(prompt=np.zeros(2, np.int32), tokens=np.zeros(len(m), np.int32),
+                            step_map=np.array(m, np.int32), logprobs=None) for m in step_maps]
+        return ScoredGroup(0, rollouts, np.asarray(correct, float), np.asarray(correct, bool), {})
+
+    # tokens per forward: [0,0,0,0] -> 4, [0,0,1,1] -> 2, [0,1,2,3] -> 1
+    two_right = group([[0, 0, 0, 0], [0, 0, 1, 1], [0, 1, 2, 3]], [1, 1, 0])  # right 4, 2; wrong 1
+    one_right = group([[0, 0, 1, 1], [0, 1, 2, 3]], [1, 0])  # right 2; wrong 1
+    m = speed_signal_metrics([two_right, one_right])
+    assert m["kept/groups_two_right"] == 0.5
+    assert m["kept/tpf_right_std"] == pytest.approx(1.0)  # std of (4, 2), the only group with two right
+    assert m["kept/tpf_right_minus_wrong"] == pytest.approx(((3 - 1) + (2 - 1)) / 2)
+    assert speed_signal_metrics([]) == {}

@@ -83,6 +83,7 @@ def _train(session, cfg: Config) -> dict:
             metrics = rollout_metrics(scorer.drawn, cfg)
             metrics.update({f"kept/{k}": v for k, v in rollout_metrics(sampled.groups, cfg).items()
                             if k in ("reward_mean", "accuracy", "response_len")})
+            metrics.update(speed_signal_metrics(sampled.groups))
             metrics.update(sum_counts(scorer.reward_metrics))
             metrics.update(sampled.counts.as_metrics())
             metrics.update(rollout_s=scorer.rollout_s, scoring_s=scorer.scoring_s)
@@ -209,6 +210,32 @@ def rollout_metrics(groups: list[ScoredGroup], cfg: Config) -> dict:
         out["rollout_nll"] = float(-np.concatenate(logprobs).mean())
     for name in groups[0].reward_parts:
         out[f"reward/{name}"] = float(np.concatenate([grp.reward_parts[name] for grp in groups]).mean())
+    return out
+
+
+def speed_signal_metrics(groups: list[ScoredGroup]) -> dict:
+    """What the speed reward can act on in the kept groups. DAPO keeps only groups with right and
+    wrong answers, and the accuracy part of the reward separates those two anyway; what favours a
+    faster trajectory is only how tokens per forward differ among the right answers of one prompt.
+    `kept/tpf_right_std`: the population std of tokens per forward among a group's right answers,
+    averaged over the groups with at least two right answers (`kept/groups_two_right`: their share);
+    `kept/tpf_right_minus_wrong`: mean tokens per forward of a group's right answers minus its
+    wrong ones' (how much the accuracy reward alone already favours speed)."""
+    spreads, gaps = [], []
+    for grp in groups:
+        tpf = np.array([r.tokens_per_forward for r in grp.rollouts])
+        right, wrong = tpf[grp.correct], tpf[~grp.correct]
+        if len(right) >= 2:
+            spreads.append(float(right.std()))
+        if len(right) and len(wrong):
+            gaps.append(float(right.mean() - wrong.mean()))
+    if not groups:
+        return {}
+    out = {"kept/groups_two_right": len(spreads) / len(groups)}
+    if spreads:
+        out["kept/tpf_right_std"] = float(np.mean(spreads))
+    if gaps:
+        out["kept/tpf_right_minus_wrong"] = float(np.mean(gaps))
     return out
 
 
