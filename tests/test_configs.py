@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 
@@ -45,3 +46,14 @@ def test_overrides_are_parsed_and_typed():
         load_config(Config, path, ["optim.lr=fast"])
     with pytest.raises(ConfigError, match=r"unknown key 'optimizer'"):
         load_config(Config, path, ["optimizer.lr=1"])
+
+
+def test_tiny_speed_demo_differs_from_the_accuracy_demo_only_in_its_reward():
+    """The speed run's comparison with the accuracy-only run (README) holds only if nothing else differs."""
+    here = os.path.dirname(CONFIGS[0])
+    acc, speed = (dataclasses.asdict(load_config(Config, os.path.join(here, name)))
+                  for name in ("gtpo_tiny.yaml", "gtpo_tiny_speed.yaml"))
+    assert set(acc["gtpo"]["rewards"]) == {"accuracy"} and set(speed["gtpo"]["rewards"]) == {"accuracy", "speed"}
+    for cfg in (acc, speed):
+        del cfg["output_dir"], cfg["gtpo"]["rewards"]
+    assert acc == speed
