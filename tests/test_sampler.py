@@ -8,6 +8,7 @@ temperature and the confidence rule are implemented independently.
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -15,6 +16,8 @@ from flax import nnx
 from gtpo_jax.model import ModelConfig, TokenLayout, init_model
 from gtpo_jax.rollout.jax_backend import JaxRollout
 from gtpo_jax.sampling import BlockDiffusionSampler, JaxEngineSection, SamplerConfig
+from gtpo_jax.sampling.decode import _score_masked
+from gtpo_jax.sampling.rules import score_slots
 from gtpo_jax.trajectory import token_logprobs
 
 B, MASK, VOCAB, LFIX = 4, 0, 97, 64
@@ -277,3 +280,34 @@ def test_clear_errors(model):
         s.sample([[5] * 10], seed=0)
     with pytest.raises(ValueError, match="strategy"):
         config(strategy="random")
+
+
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
+def test_masked_slot_scores_equal_whole_block_scores(model, greedy):
+    """The decode step projects only masked slots onto the vocabulary (as many rows as the batch's
+    most masked slots, a compiled width each); at every masked slot it gives what scoring the whole
+    block gives, for batches whose most masked slots are 1, 2, 3 and 4 (widths 1-4 of B = 4)."""
+    cfg = config(greedy=greedy, temperature=0.7, top_k=5, top_p=0.9, min_new_tokens=3)
+    st = BlockDiffusionSampler(model, cfg).decode_shape(4, 8)
+    rng = np.random.default_rng(3)
+    hidden = jnp.asarray(rng.standard_normal((4, B, model.cfg.hidden_size)), jnp.float32)
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(5), i))(jnp.arange(4))
+    step, suppress = jnp.asarray([1, 4, 7, 2]), jnp.asarray([True, False, False, True])
+    knobs = jnp.asarray([cfg.temperature, cfg.threshold, cfg.top_p, cfg.min_new_tokens], jnp.float32)
+    logits = model.logits(hidden)
+    stop = np.isin(np.arange(VOCAB), STOP)
+    scored = jnp.where(suppress[:, None, None] & stop, -jnp.inf, logits / cfg.temperature)
+    want = score_slots(logits, scored, keys, step, jnp.broadcast_to(jnp.arange(B), (4, B)), block_size=B,
+                       greedy=greedy, top_k=cfg.top_k, top_p=jnp.float32(cfg.top_p))
+    patterns = ([[0, 1, 0, 0], [0, 0, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]],
+                [[0, 1, 1, 0], [1, 0, 0, 1], [0, 0, 0, 1], [0, 0, 0, 0]],
+                [[1, 1, 1, 0], [0, 1, 0, 1], [0, 0, 0, 1], [0, 0, 0, 0]],
+                [[1, 1, 1, 1], [0, 1, 0, 1], [1, 0, 1, 1], [0, 0, 0, 0]])
+    run = jax.jit(lambda masked: _score_masked(model, hidden, masked, keys, step, suppress, knobs, st))
+    for pattern in patterns:
+        masked = jnp.asarray(pattern, bool)
+        got = run(masked)
+        m = np.asarray(masked)
+        np.testing.assert_array_equal(np.asarray(got[0])[m], np.asarray(want[0])[m], err_msg=f"tokens, {pattern}")
+        for g, w in zip(got[1:], want[1:]):
+            np.testing.assert_allclose(np.asarray(g)[m], np.asarray(w)[m], rtol=1e-6, atol=1e-6, err_msg=str(pattern))

@@ -134,26 +134,54 @@ def _write_prev_block(s: _State, prev_k, prev_v, st: DecodeShape) -> _State:
                       v=tuple(put(c, n, 2) for c, n in zip(s.v, prev_v)), cached=s.cached + write)
 
 
+def _projection_widths(B: int) -> tuple[int, ...]:
+    """Rows per sequence of the compiled vocabulary projections: every width up to 8 (a block of
+    4 committing one slot per forward needs 4, 3, 2, 1), then powers of two and B, so that large
+    blocks compile few branches."""
+    return tuple(sorted(set(range(1, min(B, 8) + 1)) | {min(1 << i, B) for i in range(B.bit_length() + 1)}))
+
+
+def _score_masked(model: SDARModel, hidden, masked, keys, step, suppress, knobs, st: DecodeShape):
+    """(token, confidence, raw log-prob) [b, B] of every masked slot; other slots hold values that
+    nothing reads. Committed slots' scores are never used, so only masked slots are projected onto
+    the vocabulary (the projection and the scoring are most of a forward's cost past the layers):
+    each sequence's masked slots first, in as many rows as the batch's most masked slots, rounded
+    up to a compiled width (one `lax.switch` branch per width)."""
+    B = st.block_size
+    temperature, top_p = knobs[0], knobs[2]
+    order = jnp.argsort(~masked, axis=1, stable=True).astype(jnp.int32)  # masked slots first, by index
+    back = jnp.argsort(order, axis=1).astype(jnp.int32)  # slot -> its row in `order`
+    stop_vocab = jnp.zeros((model.cfg.vocab_size,), bool).at[jnp.asarray(st.stop_ids, jnp.int32)].set(True)
+
+    def width(w: int):
+        def branch(hidden, order, back):
+            rows = order[:, :w]
+            logits = model.logits(jnp.take_along_axis(hidden, rows[..., None], axis=1))  # [b, w, V] float32
+            scored = jnp.where(suppress[:, None, None] & stop_vocab, -jnp.inf, logits / temperature)
+            out = score_slots(logits, scored, keys, step, rows, block_size=B, greedy=st.greedy, top_k=st.top_k,
+                              top_p=top_p if st.use_top_p else None)
+            # rows past w (slots that are not masked anywhere in this forward) read as zeros
+            return tuple(jnp.take_along_axis(jnp.pad(x, ((0, 0), (0, B - w))), back, axis=1) for x in out)
+        return branch
+
+    widths = _projection_widths(B)
+    need = jnp.max(jnp.sum(masked, axis=1))
+    index = jnp.minimum(jnp.searchsorted(jnp.asarray(widths), need), len(widths) - 1)  # the first width >= need
+    return jax.lax.switch(index, [width(w) for w in widths], hidden, order, back)
+
+
 def _decode_step(model: SDARModel, s: _State, prompt_len, limit, keys, knobs, st: DecodeShape) -> _State:
     """One forward: score the current block, commit slots, write the previous block, finish blocks."""
     B = st.block_size
-    temperature, threshold, top_p, min_new = knobs[0], knobs[1], knobs[2], knobs[3]
+    threshold, min_new = knobs[1], knobs[3]
     active = ~s.done
     hidden, prev_k, prev_v = jax.lax.cond(
         jnp.any(s.write_prev & active),
         lambda s: _window_forward(model, s, st, fused=True),
         lambda s: _window_forward(model, s, st, fused=False), s)
     s = _write_prev_block(s, prev_k, prev_v, st)
-    logits = model.logits(hidden)  # [b, B, V] float32
 
     j, first_block = s.block, prompt_len // B
-    stop_vocab = jnp.zeros((logits.shape[-1],), bool).at[jnp.asarray(st.stop_ids, jnp.int32)].set(True)
-    suppress = (min_new - B * (j - first_block)) > 0  # stop tokens barred until min_new_tokens
-    scored = jnp.where(suppress[:, None, None] & stop_vocab, -jnp.inf, logits / temperature)
-    step = s.counter + 1
-    chosen, conf, raw = score_slots(logits, scored, keys, step, greedy=st.greedy, top_k=st.top_k,
-                                    top_p=top_p if st.use_top_p else None)
-
     at = j * B
     cur_pos = at[:, None] + jnp.arange(B, dtype=jnp.int32)
     cur_tok = jnp.take_along_axis(s.tokens, cur_pos, axis=1)
@@ -162,6 +190,9 @@ def _decode_step(model: SDARModel, s: _State, prompt_len, limit, keys, knobs, st
     # the last block whole); the host cuts at the limit and returns the rest as tail.
     gen = cur_pos >= prompt_len[:, None]
     masked = gen & (cur_steps == 0) & active[:, None]
+    suppress = (min_new - B * (j - first_block)) > 0  # stop tokens barred until min_new_tokens
+    step = s.counter + 1
+    chosen, conf, raw = _score_masked(model, hidden, masked, keys, step, suppress, knobs, st)
     commit = select_slots(masked, conf, threshold, st.strategy, st.commit_k)
     new_tok = jnp.where(commit, chosen, cur_tok)
     new_steps = jnp.where(commit, step[:, None], cur_steps)
