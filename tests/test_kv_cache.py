@@ -1,9 +1,11 @@
-"""The sampler's decode attention over a KV cache against dense softmax attention in numpy."""
+"""The sampler's decode attention over a KV cache against dense softmax attention in numpy; the
+model's last layer asked for a few tokens only against the full forward."""
 
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from gtpo_jax.model import TokenLayout
+from gtpo_jax.model import KVCache, ModelConfig, TokenLayout, init_model
 from gtpo_jax.model.kv_cache import cached_attention
 
 
@@ -37,3 +39,33 @@ def test_cached_attention_matches_dense_numpy(rng):
                 p = np.exp(s - s.max())
                 want[i, t, h] = p @ values / p.sum()
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0)
+
+
+def test_last_layer_rows_equal_the_full_forward(rng):
+    """The sampler asks the last layer for a few tokens' states only (`run_layers(..., rows=)`):
+    those equal the full forward's at the same tokens, over a cache and without one, including a
+    padding token among the keys and a row that asks for a padding token."""
+    model = init_model(ModelConfig.tiny(vocab_size=64, num_layers=3), seed=2)
+    b, n, B, tile, capacity = 3, 8, 4, 16, 32
+    tokens = jnp.asarray(rng.integers(1, 64, (b, n)), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32) + 12, (b, n))
+    seg = jnp.ones((b, n), jnp.int32).at[1, :B].set(0)  # row 1: the first block is padding
+    layout = TokenLayout(seg, pos // B, jnp.zeros((b, n), jnp.int32))
+    rows = jnp.asarray([[4, 6, 7], [5, 4, 0], [0, 3, 7]], jnp.int32)  # any order; row 1 asks for padding
+    shape = (b, model.cfg.num_kv_heads, capacity, model.cfg.head_dim)
+    cache = KVCache(tuple(jnp.asarray(rng.standard_normal(shape), jnp.float32).swapaxes(2, 3) for _ in range(3)),
+                    tuple(jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(3)),
+                    jnp.asarray([12, 0, 9], jnp.int32))
+    layers = range(model.cfg.num_layers)
+
+    @nnx.jit(static_argnums=(1,))
+    def run(model, with_cache, rows):
+        return model.run_layers(model.embed(tokens), pos, layout, layers, cache if with_cache else None, tile, rows)
+
+    for with_cache in (True, False):
+        (full, full_kv), (some, some_kv) = run(model, with_cache, None), run(model, with_cache, rows)
+        want = np.take_along_axis(np.asarray(full), np.asarray(rows)[..., None], 1)
+        np.testing.assert_allclose(np.asarray(some), want, atol=1e-5, rtol=0)
+        for a, w in zip(some_kv, full_kv):  # every token's keys and values, last layer included
+            np.testing.assert_allclose(np.asarray(a.k), np.asarray(w.k), atol=1e-6, rtol=0)
+            np.testing.assert_allclose(np.asarray(a.v), np.asarray(w.v), atol=1e-6, rtol=0)

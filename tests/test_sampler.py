@@ -303,7 +303,10 @@ def test_masked_slot_scores_equal_whole_block_scores(model, greedy):
                 [[0, 1, 1, 0], [1, 0, 0, 1], [0, 0, 0, 1], [0, 0, 0, 0]],
                 [[1, 1, 1, 0], [0, 1, 0, 1], [0, 0, 0, 1], [0, 0, 0, 0]],
                 [[1, 1, 1, 1], [0, 1, 0, 1], [1, 0, 1, 1], [0, 0, 0, 0]])
-    run = jax.jit(lambda masked: _score_masked(model, hidden, masked, keys, step, suppress, knobs, st))
+    def final_hidden(slots):
+        return jnp.take_along_axis(hidden, slots[..., None], axis=1), ()
+
+    run = jax.jit(lambda masked: _score_masked(model, final_hidden, masked, keys, step, suppress, knobs, st)[0])
     for pattern in patterns:
         masked = jnp.asarray(pattern, bool)
         got = run(masked)

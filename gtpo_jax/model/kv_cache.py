@@ -45,10 +45,12 @@ def _online_softmax_step(carry, s, v):
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: TokenLayout, cache_k: jax.Array,
-                     cache_v: jax.Array, length: jax.Array, *, tile: int) -> jax.Array:
+                     cache_v: jax.Array, length: jax.Array, *, tile: int,
+                     kv_layout: TokenLayout | None = None) -> jax.Array:
     """q [b, lq, hq, d] over the cache's first length[b] positions (`KVCache` layouts, capacity a
-    multiple of `tile`) and the new tokens' own keys/values k, v [b, lq, hkv, d] under
-    `layout`. Queries of segment 0 (padding) see nothing and return zeros."""
+    multiple of `tile`) and the new tokens' own keys/values k, v [b, lk, hkv, d]; `layout` is the
+    queries', `kv_layout` the new keys' (default: the same tokens; lk > lq when only some of the
+    new tokens ask). Queries of segment 0 (padding) see nothing and return zeros."""
     b, lq, hq, d = q.shape
     hkv, capacity = cache_k.shape[1], cache_k.shape[3]
     if capacity % tile:
@@ -59,7 +61,7 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: TokenLayo
     qr = q.reshape(b, lq, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * lq, d)
     real = jnp.tile(layout.segment > 0, (1, g))[:, None, :, None]  # [b, 1, r, 1]
 
-    own = jnp.tile(visibility(layout, layout), (1, g, 1))[:, None]  # [b, 1, r, lq]
+    own = jnp.tile(visibility(layout, layout if kv_layout is None else kv_layout), (1, g, 1))[:, None]  # [b, 1, r, lk]
     s = jnp.einsum("bhrd,bkhd->bhrk", qr, k, preferred_element_type=jnp.float32) * scale
     rows = (b, hkv, g * lq)
     init = (jnp.full(rows, -jnp.inf, jnp.float32), jnp.zeros(rows, jnp.float32),

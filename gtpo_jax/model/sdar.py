@@ -46,6 +46,11 @@ def _ones(shape, axes, dtype):
     return nnx.Param(jnp.ones(shape, dtype), logical_axes=axes)
 
 
+def take_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
+    """x[b, rows[b], ...] for x [batch, length, ...] and rows int [batch, n]."""
+    return jnp.take_along_axis(x, rows.reshape(rows.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, axis_name: str, param_dtype):
         self.weight = _ones((dim,), (axis_name,), param_dtype)
@@ -127,19 +132,25 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps, "head_dim", pd)
         self.cfg = cfg
 
-    def __call__(self, x, positions, layout: TokenLayout, rope, cache: LayerCache | None):
+    def __call__(self, x, positions, layout: TokenLayout, rope, cache: LayerCache | None, rows=None):
+        """Attention output of every token, or with `rows` [batch, n] of those tokens only (every
+        token's keys and values are computed: they are attended)."""
         dt = x.dtype
-        q = jnp.einsum("bld,dnh->blnh", x, self.q_proj[...].astype(dt))
+        q_x, q_pos, q_layout = x, positions, layout
+        if rows is not None:
+            q_x, q_pos, q_layout = take_rows(x, rows), take_rows(positions, rows), TokenLayout(
+                *(take_rows(a, rows) for a in layout))
+        q = jnp.einsum("bld,dnh->blnh", q_x, self.q_proj[...].astype(dt))
         k = jnp.einsum("bld,dnh->blnh", x, self.k_proj[...].astype(dt))
         v = jnp.einsum("bld,dnh->blnh", x, self.v_proj[...].astype(dt))
-        q = apply_rope(self.q_norm(q), positions, *rope)
+        q = apply_rope(self.q_norm(q), q_pos, *rope)
         k = apply_rope(self.k_norm(k), positions, *rope)
         if cache is None:
-            out = block_causal_attention(q, k, v, layout, layout, q_tile=self.cfg.attn_q_tile,
+            out = block_causal_attention(q, k, v, q_layout, layout, q_tile=self.cfg.attn_q_tile,
                                          kv_tile=self.cfg.attn_kv_tile)
         else:
-            out = cached_attention(q, k, v, layout, cache.k.astype(dt), cache.v.astype(dt), cache.length,
-                                   tile=cache.tile)
+            out = cached_attention(q, k, v, q_layout, cache.k.astype(dt), cache.v.astype(dt), cache.length,
+                                   tile=cache.tile, kv_layout=layout)
         return jnp.einsum("blnh,nhd->bld", out, self.o_proj[...].astype(dt)), LayerKV(k, v)
 
 
@@ -166,8 +177,10 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "norm", pd)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, positions, layout, rope, context):
-        attn_out, new_kv = self.self_attn(self.input_layernorm(x), positions, layout, rope, context)
+    def __call__(self, x, positions, layout, rope, context, rows=None):
+        attn_out, new_kv = self.self_attn(self.input_layernorm(x), positions, layout, rope, context, rows)
+        if rows is not None:
+            x = take_rows(x, rows)
         x = x + attn_out
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, new_kv
@@ -201,24 +214,38 @@ class SDARModel(nnx.Module):
         """tokens, positions int [batch, length] -> (final hidden [batch, length, hidden],
         per-layer keys/values of these tokens). `cache` holds keys/values of earlier clean blocks
         that every token sees (a sampler's), walked in tiles of `cache_tile` positions."""
-        dt = jnp.dtype(self.cfg.dtype)
-        x = constrain_batch(jnp.take(self.embed_tokens[...], tokens, axis=0).astype(dt))
+        x, kvs = self.run_layers(self.embed(tokens), positions, layout, range(self.cfg.num_layers), cache, cache_tile)
+        return self.norm(x), kvs
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        """Input embeddings [batch, length, hidden] in the compute dtype."""
+        return constrain_batch(jnp.take(self.embed_tokens[...], tokens, axis=0).astype(jnp.dtype(self.cfg.dtype)))
+
+    def run_layers(self, x: jax.Array, positions: jax.Array, layout: TokenLayout, layers: range,
+                   cache: KVCache | None = None, cache_tile: int = 0,
+                   rows: jax.Array | None = None) -> tuple[jax.Array, tuple[LayerKV, ...]]:
+        """The decoder layers `layers` on hidden states x [batch, length, hidden] -> (their output,
+        their keys/values of these tokens). With `rows` [batch, n] (token indices) the last of them
+        computes queries, attention output and MLP for those tokens only, whose states come back
+        [batch, n, hidden]: a sampler reads the final states of a few slots of a block, and
+        every token's keys and values are needed anyway."""
         inv_freq, attention_factor = rope_inv_freq(self.cfg)
         rope = (jnp.asarray(inv_freq), attention_factor)
         new_kvs = []
-        for i, layer in enumerate(self.layers):
+        for i in layers:
+            layer, layer_rows = self.layers[i], rows if i == layers[-1] else None
             layer_ctx = None if cache is None else LayerCache(cache.k[i], cache.v[i], cache.length, cache_tile)
             if self.cfg.remat != "none" and cache is None:  # remat serves gradients; decoding has none
                 call = nnx.remat(
-                    lambda lyr, x, p, lay, ctx: lyr(x, p, lay, rope, ctx),
+                    lambda lyr, x, p, lay, ctx, r: lyr(x, p, lay, rope, ctx, r),
                     policy=_REMAT_POLICIES[self.cfg.remat],
                 )
-                x, kv = call(layer, x, positions, layout, layer_ctx)
+                x, kv = call(layer, x, positions, layout, layer_ctx, layer_rows)
             else:
-                x, kv = layer(x, positions, layout, rope, layer_ctx)
+                x, kv = layer(x, positions, layout, rope, layer_ctx, layer_rows)
             x = constrain_batch(x)
             new_kvs.append(kv)
-        return self.norm(x), tuple(new_kvs)
+        return x, tuple(new_kvs)
 
     def head_weight(self) -> jax.Array:
         """[hidden, vocab] output projection (the embedding's transpose when tied)."""

@@ -9,13 +9,19 @@ write), then the current block — so the write costs no extra forward (LMDeploy
 When all sequences advance in step (equal prompts, a static strategy) that is one iteration of
 B + 1 per block; sequences that drift apart make more iterations wide.
 
+Only still-masked slots are scored: committed slots' keys and values are needed in every layer,
+but their final states are not, so the last layer computes queries, attention output and MLP,
+and the vocabulary projection and scores run, for the masked slots only (as many per sequence as
+the batch's most masked slots, rounded up to a compiled width).
+
 Sequences advance independently (each has its own block, step counter and finish state), so a
 batch may mix prompt lengths; blocks stay aligned to absolute positions.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -97,10 +103,11 @@ def _prefill(model: SDARModel, prompt, prompt_len, done, st: DecodeShape) -> _St
                   zero_b)
 
 
-def _window_forward(model: SDARModel, s: _State, st: DecodeShape, fused: bool):
-    """Final hidden states of the current block [b, B, hidden] and, when `fused`, the keys and
-    values of the previous block in the cache layouts (zeros otherwise)."""
-    B, L = st.block_size, st.cache_len
+def _window_forward(model: SDARModel, s: _State, st: DecodeShape, fused: bool, score: Callable):
+    """One forward of the current block (after the previous one, clean, when `fused`):
+    `score(final_hidden)` of its slots (`_score_masked`) and, when `fused`, the previous block's
+    keys and values in the cache layouts (zeros otherwise)."""
+    B, L, n_layers = st.block_size, st.cache_len, model.cfg.num_layers
     width = 2 * B if fused else B
     idx = (s.block - (1 if fused else 0))[:, None] * B + jnp.arange(width, dtype=jnp.int32)
     pos = jnp.clip(idx, 0, L - 1)
@@ -109,14 +116,23 @@ def _window_forward(model: SDARModel, s: _State, st: DecodeShape, fused: bool):
     if fused:
         seg = jnp.where(jnp.arange(width) < B, s.write_prev[:, None], True).astype(jnp.int32)
     layout = TokenLayout(seg, jnp.floor_divide(idx, B), jnp.zeros_like(idx))
-    hidden, kvs = model(tok, pos, layout, KVCache(s.k, s.v, s.cached * B), cache_tile=st.cache_tile)
+    cache = KVCache(s.k, s.v, s.cached * B)
+    x, kvs = model.run_layers(model.embed(tok), pos, layout, range(n_layers - 1), cache, st.cache_tile)
+
+    def final_hidden(slots):  # block slots [b, w] -> their final states; the last layer asks for their queries only
+        h, last = model.run_layers(x, pos, layout, range(n_layers - 1, n_layers), cache, st.cache_tile,
+                                   rows=slots + (B if fused else 0))
+        return model.norm(h), last
+
+    scores, last = score(final_hidden)
+    kvs = kvs + last
     if fused:
         prev_k = tuple(kv.k[:, :B].transpose(0, 2, 3, 1) for kv in kvs)
         prev_v = tuple(kv.v[:, :B].transpose(0, 2, 1, 3) for kv in kvs)
     else:
         prev_k = tuple(jnp.zeros(c.shape[:3] + (B,), c.dtype) for c in s.k)
         prev_v = tuple(jnp.zeros(c.shape[:2] + (B,) + c.shape[3:], c.dtype) for c in s.v)
-    return hidden[:, -B:], prev_k, prev_v
+    return scores, prev_k, prev_v
 
 
 def _write_prev_block(s: _State, prev_k, prev_v, st: DecodeShape) -> _State:
@@ -135,18 +151,19 @@ def _write_prev_block(s: _State, prev_k, prev_v, st: DecodeShape) -> _State:
 
 
 def _projection_widths(B: int) -> tuple[int, ...]:
-    """Rows per sequence of the compiled vocabulary projections: every width up to 8 (a block of
-    4 committing one slot per forward needs 4, 3, 2, 1), then powers of two and B, so that large
-    blocks compile few branches."""
+    """Slots per sequence of the compiled final-state branches (`_score_masked`): every width up
+    to 8 (a block of 4 committing one slot per forward needs 4, 3, 2, 1), then powers of two and
+    B, so that large blocks compile few branches."""
     return tuple(sorted(set(range(1, min(B, 8) + 1)) | {min(1 << i, B) for i in range(B.bit_length() + 1)}))
 
 
-def _score_masked(model: SDARModel, hidden, masked, keys, step, suppress, knobs, st: DecodeShape):
-    """(token, confidence, raw log-prob) [b, B] of every masked slot; other slots hold values that
-    nothing reads. Committed slots' scores are never used, so only masked slots are projected onto
-    the vocabulary (the projection and the scoring are most of a forward's cost past the layers):
-    each sequence's masked slots first, in as many rows as the batch's most masked slots, rounded
-    up to a compiled width (one `lax.switch` branch per width)."""
+def _score_masked(model: SDARModel, final_hidden: Callable, masked, keys, step, suppress, knobs, st: DecodeShape):
+    """((token, confidence, raw log-prob) [b, B] of every masked slot, what `final_hidden` adds);
+    other slots hold values that nothing reads. `final_hidden(slots [b, w])` -> (final hidden
+    states [b, w, hidden], anything). Committed slots' scores are never used, so only masked slots
+    get final states (the last layer's queries, attention output and MLP), a vocabulary
+    projection and scores: each sequence's masked slots first, in as many rows as the batch's
+    most masked slots, rounded up to a compiled width (one `lax.switch` branch per width)."""
     B = st.block_size
     temperature, top_p = knobs[0], knobs[2]
     order = jnp.argsort(~masked, axis=1, stable=True).astype(jnp.int32)  # masked slots first, by index
@@ -154,20 +171,21 @@ def _score_masked(model: SDARModel, hidden, masked, keys, step, suppress, knobs,
     stop_vocab = jnp.zeros((model.cfg.vocab_size,), bool).at[jnp.asarray(st.stop_ids, jnp.int32)].set(True)
 
     def width(w: int):
-        def branch(hidden, order, back):
+        def branch(order, back):
             rows = order[:, :w]
-            logits = model.logits(jnp.take_along_axis(hidden, rows[..., None], axis=1))  # [b, w, V] float32
+            hidden, extra = final_hidden(rows)
+            logits = model.logits(hidden)  # [b, w, V] float32
             scored = jnp.where(suppress[:, None, None] & stop_vocab, -jnp.inf, logits / temperature)
             out = score_slots(logits, scored, keys, step, rows, block_size=B, greedy=st.greedy, top_k=st.top_k,
                               top_p=top_p if st.use_top_p else None)
             # rows past w (slots that are not masked anywhere in this forward) read as zeros
-            return tuple(jnp.take_along_axis(jnp.pad(x, ((0, 0), (0, B - w))), back, axis=1) for x in out)
+            return tuple(jnp.take_along_axis(jnp.pad(x, ((0, 0), (0, B - w))), back, axis=1) for x in out), extra
         return branch
 
     widths = _projection_widths(B)
     need = jnp.max(jnp.sum(masked, axis=1))
     index = jnp.minimum(jnp.searchsorted(jnp.asarray(widths), need), len(widths) - 1)  # the first width >= need
-    return jax.lax.switch(index, [width(w) for w in widths], hidden, order, back)
+    return jax.lax.switch(index, [width(w) for w in widths], order, back)
 
 
 def _decode_step(model: SDARModel, s: _State, prompt_len, limit, keys, knobs, st: DecodeShape) -> _State:
@@ -175,12 +193,6 @@ def _decode_step(model: SDARModel, s: _State, prompt_len, limit, keys, knobs, st
     B = st.block_size
     threshold, min_new = knobs[1], knobs[3]
     active = ~s.done
-    hidden, prev_k, prev_v = jax.lax.cond(
-        jnp.any(s.write_prev & active),
-        lambda s: _window_forward(model, s, st, fused=True),
-        lambda s: _window_forward(model, s, st, fused=False), s)
-    s = _write_prev_block(s, prev_k, prev_v, st)
-
     j, first_block = s.block, prompt_len // B
     at = j * B
     cur_pos = at[:, None] + jnp.arange(B, dtype=jnp.int32)
@@ -192,7 +204,13 @@ def _decode_step(model: SDARModel, s: _State, prompt_len, limit, keys, knobs, st
     masked = gen & (cur_steps == 0) & active[:, None]
     suppress = (min_new - B * (j - first_block)) > 0  # stop tokens barred until min_new_tokens
     step = s.counter + 1
-    chosen, conf, raw = _score_masked(model, hidden, masked, keys, step, suppress, knobs, st)
+    score = functools.partial(_score_masked, model, masked=masked, keys=keys, step=step, suppress=suppress,
+                              knobs=knobs, st=st)
+    (chosen, conf, raw), prev_k, prev_v = jax.lax.cond(
+        jnp.any(s.write_prev & active),
+        lambda s: _window_forward(model, s, st, True, score),
+        lambda s: _window_forward(model, s, st, False, score), s)
+    s = _write_prev_block(s, prev_k, prev_v, st)
     commit = select_slots(masked, conf, threshold, st.strategy, st.commit_k)
     new_tok = jnp.where(commit, chosen, cur_tok)
     new_steps = jnp.where(commit, step[:, None], cur_steps)
