@@ -190,9 +190,10 @@ def stack_micro_batches(
 
     `per_target(group_number, packed)` returns named arrays aligned with the packed batch's valid
     targets (e.g. loss weights, advantages); they are padded with zeros and stacked alongside.
-    With a fixed `row_len`, row counts and target counts are padded to powers of two; with
-    row_len None the shape is fitted to the samples (`fitted_row_shape`, targets on `bucket_size`'s
-    grid), or one of `known_shapes` is reused (`reusable_shape`).
+    With a fixed `row_len`, row counts are on `bucket_size`'s grid and target counts powers of two;
+    with row_len None the shape is fitted to the samples (`fitted_row_shape`, targets on
+    `bucket_size`'s grid). Either way one of `known_shapes` (same row length) is reused when it costs
+    little more (`reusable_shape`).
     """
     if row_len is None:
         rows, row_len = fitted_row_shape(groups, max_row_len=max_row_len, rows_multiple=rows_multiple)
@@ -202,11 +203,13 @@ def stack_micro_batches(
         packed = [pack(g, block_size=block_size, row_len=row_len, targets_multiple=vocab_chunk) for g in groups]
     else:
         packed = [pack(g, block_size=block_size, row_len=row_len, targets_multiple=vocab_chunk) for g in groups]
-        # Rows to a power of two too: a GTPO step's row count follows how many groups DAPO kept, and
-        # every new count would otherwise recompile the update step.
-        rows = power_of_two_bucket(max(min_rows, max(p.tokens.shape[0] for p in packed)), 1)
-        rows = round_up(rows, rows_multiple)
+        # Rows on bucket_size's grid, not to a power of two: every row costs a full row of compute,
+        # and an SFT step needing 9 rows of 512 would compute 16. Target slots to a power of two (a
+        # padding target costs one projection row, and fewer target counts mean fewer compiles).
+        rows = bucket_size(max(min_rows, max(p.tokens.shape[0] for p in packed)), rows_multiple)
         targets = power_of_two_bucket(max(int(p.target_valid.sum()) for p in packed), vocab_chunk)
+        rows, _, targets = reusable_shape(groups, (rows, row_len, targets),
+                                          [s for s in known_shapes if s[1] == row_len])
     stacked: dict[str, list[np.ndarray]] = {}
     for g, p in enumerate(packed):
         extra = per_target(g, p)

@@ -4,6 +4,7 @@ chat template and ending in the stop tokens; data in the old pre-rendered form i
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
@@ -75,3 +76,15 @@ def test_messages_with_the_real_qwen3_template_end_in_the_stop_tokens(tmp_path):
 def test_records_that_would_train_wrongly_are_errors(tmp_path, row, message):
     with pytest.raises(RecordError, match=message):
         read_sft_records(write_jsonl(tmp_path / "chat.jsonl", [row]))
+
+
+def test_samples_are_tokenized_on_demand_in_the_callers_thread(tmp_path, tiny_tok):
+    """No reader threads running ahead: on the CPU demo they took 3x the CPU time of tokenizing on
+    demand and competed with the training step for the cores (and the GIL)."""
+    rows = [{"prompt": f"What is {i} + {i}?", "response": f"\\boxed{{{2 * i}}}"} for i in range(40)]
+    data = SFTData([write_jsonl(tmp_path / "sft.jsonl", rows)], tiny_tok, max_len=512)
+    batch, _ = next(data.batches(4))
+    assert len(batch) == 4
+    assert data.counters["seen"] == 4
+    readers = [t.name for t in threading.enumerate() if t.name.startswith("grain")]
+    assert not readers, readers

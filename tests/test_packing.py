@@ -77,3 +77,24 @@ def test_a_known_shape_is_reused_when_it_costs_little_more():
     third, _ = stack_micro_batches([layouts], lambda g, p: {}, block_size=B, row_len=None, rows_multiple=1,
                                    vocab_chunk=256, max_row_len=384, known_shapes={far_bigger})
     assert third["tokens"].shape[1:] == (rows, row_len)
+
+
+def test_fixed_row_length_pads_rows_to_the_grid_and_reuses_known_shapes():
+    """SFT packs into rows of a fixed length: the rows needed are padded on bucket_size's grid (a
+    power of two would compute up to twice the rows), target slots to a power of two, and a known
+    shape of the same row length that costs <= 5% more is reused (no recompile); one of another row
+    length, or with far more rows, is not."""
+    layouts = demo_like_rollouts(np.random.default_rng(2))
+
+    def shape_with(known=()):
+        out, packed = stack_micro_batches([layouts], lambda g, p: {}, block_size=B, row_len=512, rows_multiple=1,
+                                          vocab_chunk=256, known_shapes=known)
+        return (*out["tokens"].shape[1:], out["target_valid"].shape[1]), len(packed[0].tokens)
+
+    (rows, row_len, targets), needed = shape_with()
+    assert needed > 16 and needed & (needed - 1), "the rollouts should need a row count that is not a power of two"
+    assert (rows, row_len) == (bucket_size(needed, 1), 512) and rows < 1.13 * needed
+    assert targets & (targets - 1) == 0
+    one_more = (rows + 1, 512, targets)
+    assert shape_with({one_more, (rows, 1024, targets)})[0] == one_more
+    assert shape_with({(rows, 1024, targets), (2 * rows, 512, targets)})[0] == (rows, 512, targets)

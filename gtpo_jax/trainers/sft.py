@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Sequence
+from typing import Collection, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -68,7 +68,8 @@ def sft_layouts(
 def per_sample_mean_weights(layouts: Sequence[SampleLayout], packed: PackedBatch, num_samples: int) -> np.ndarray:
     """w_t = 1 / (targets of t's sample × samples in the step): Σ w_t·nll_t is the mean over
     samples of each sample's mean NLL. Samples without any target contribute nothing."""
-    counts = np.array([layouts[i].num_targets for i in packed.target_sample[packed.target_valid]], np.float64)
+    per_sample = np.array([lay.num_targets for lay in layouts], np.float64)  # once per sample, not per target
+    counts = per_sample[packed.target_sample[packed.target_valid]]
     return (1.0 / (counts * max(num_samples, 1))).astype(np.float32)
 
 
@@ -82,8 +83,10 @@ def sft_row_len(cfg: Config) -> int:
     return round_up(cfg.data.max_len + copies, 128)
 
 
-def build_sft_batch(layouts: list[SampleLayout], cfg: Config, rows_multiple: int = 1) -> tuple[dict, dict]:
-    """Stacked micro-batches with per-target weights; stats for the metrics."""
+def build_sft_batch(layouts: list[SampleLayout], cfg: Config, rows_multiple: int = 1,
+                    known_shapes: Collection[tuple[int, int, int]] = ()) -> tuple[dict, dict]:
+    """Stacked micro-batches with per-target weights; stats for the metrics. `known_shapes`: the
+    (rows, row_len, targets) shapes earlier steps used (compiled), reused when they cost little more."""
     with_targets = sum(1 for lay in layouts if lay.num_targets)
     groups = split_evenly(layouts, cfg.train.micro_batches)
     arrays, _ = stack_micro_batches(
@@ -94,6 +97,7 @@ def build_sft_batch(layouts: list[SampleLayout], cfg: Config, rows_multiple: int
         rows_multiple=rows_multiple,
         vocab_chunk=cfg.train.vocab_chunk,
         min_rows=cfg.train.rows_per_micro_batch,
+        known_shapes=known_shapes,
     )
     stats = {
         "samples": len(layouts),
@@ -116,12 +120,13 @@ def _train(session, cfg: Config) -> dict:
     start = session.restore_or_init(data_state_setter=data.set_state)
     session.evaluate_if_due(start, force=start == 0, label="before")
     batches = data.batches(cfg.train.batch_size)
-    last = {}
+    last, shapes = {}, set()
     for step in session.progress(start, cfg.train.steps):
         samples, data_stats = next(batches)
         t0 = time.perf_counter()
         layouts = sft_layouts(samples, cfg, session.ids, step=step)
-        arrays, stats = build_sft_batch(layouts, cfg, rows_multiple=session.data_parallel)
+        arrays, stats = build_sft_batch(layouts, cfg, rows_multiple=session.data_parallel, known_shapes=shapes)
+        shapes.add((*arrays["tokens"].shape[1:], arrays["target_valid"].shape[1]))
         metrics = session.update(arrays)
         elapsed = time.perf_counter() - t0
         metrics.update(stats)
