@@ -100,7 +100,7 @@ def sft_shape(cfg: Config, data_parallel: int, prompt_len: int) -> StepShape:
                      post_num=m.post_num, num_noisy_copies=m.num_noisy_copies)
     row_len = sft_row_len(cfg)
     packed = pack([lay], block_size=b, row_len=row_len)
-    frac = visible_tile_fraction(packed, cfg.model.attn_q_tile, cfg.model.attn_kv_tile)
+    frac = visible_tile_fraction(packed, *cfg.model.attention_tiles(row_len))
     return StepShape(cfg.train.micro_batches, round_up(samples, data_parallel), row_len,
                      power_of_two_bucket(samples * lay.num_targets, cfg.train.vocab_chunk), frac,
                      f"{samples} samples/micro-batch of {cfg.data.max_len} tokens (prompt {prompt_len}), "
@@ -119,8 +119,7 @@ def gtpo_shape(cfg: Config, data_parallel: int, prompt_len: int) -> StepShape:
     lay = trajectory_layout(rng.integers(1, 100, prompt_len), rng.integers(1, 100, new), np.arange(1, new + 1),
                             block_size=b, mask_id=0, shrink=g.shrink)
     row_len = gtpo_row_len(cfg.block_size, cfg.decoding.max_new_tokens, prompt_len)
-    frac = visible_tile_fraction(pack([lay], block_size=b, row_len=row_len),
-                                 cfg.model.attn_q_tile, cfg.model.attn_kv_tile)
+    frac = visible_tile_fraction(pack([lay], block_size=b, row_len=row_len), *cfg.model.attention_tiles(row_len))
     return StepShape(micro, round_up(per_micro, data_parallel), row_len,
                      power_of_two_bucket(per_micro * lay.num_targets, cfg.train.vocab_chunk), frac,
                      f"{per_micro} responses/micro-batch of {new} tokens (prompt {prompt_len}), one per row, "
@@ -300,8 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     print(source)
     print(f"mesh {dict(mesh.shape)} on {n} fake CPU devices; {model_cfg.param_dtype} master weights, "
-          f"{model_cfg.dtype} compute, remat {model_cfg.remat}, attention tiles {model_cfg.attn_q_tile}x"
-          f"{model_cfg.attn_kv_tile}")
+          f"{model_cfg.dtype} compute, remat {model_cfg.remat}")
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params(model_cfg, mesh)[1]))
     print(f"{count / 1e9:.3f} B parameters")
     wanted = {"sft": ["update"], "gtpo": ["update", "scorer", "sampler"]}[cfg.stage]
@@ -309,7 +307,9 @@ def main(argv: list[str] | None = None) -> int:
         wanted = [p.strip() for p in args.programs.split(",")]
     prompt_len = min(args.prompt_len, cfg.data.max_len)
     shape = (sft_shape if cfg.stage == "sft" else gtpo_shape)(cfg, dp, prompt_len)
-    print(f"attention computes {100 * shape.tile_fraction:.0f}% of the tiles of a planned row of {shape.row_len}")
+    q_tile, kv_tile = model_cfg.attention_tiles(shape.row_len)
+    print(f"attention tiles {q_tile}x{kv_tile} (JAX kernel) compute {100 * shape.tile_fraction:.0f}% of the tile "
+          f"pairs of a planned row of {shape.row_len}")
     memory = args.memory_gb * 1e9 if args.memory_gb else ACCELERATORS[args.accelerator].memory_bytes
 
     def build(name: str, mcfg: ModelConfig) -> ProgramPlan:

@@ -48,8 +48,27 @@ class ModelRuntime:
     dtype: Literal["float32", "bfloat16"] = "float32"  # dtype of the forward computation (activations, matmuls)
     # activation rematerialisation per decoder layer: none, full, or save only matmul outputs (dots)
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
-    attn_q_tile: int = 256  # query tile of the block-causal attention kernel (tokens)
-    attn_kv_tile: int = 256  # key/value tile of the block-causal attention kernel (tokens)
+    # The JAX block-causal attention kernel's largest tiles (tokens); rows shorter than 8 tiles use
+    # smaller ones (`attention_tiles`). The GPU kernels choose their own.
+    attn_q_tile: int = 256  # largest query tile of the JAX attention kernel (tokens; shorter rows: smaller)
+    attn_kv_tile: int = 256  # largest key/value tile of the JAX attention kernel (tokens; shorter rows: smaller)
+
+    def attention_tiles(self, length: int) -> tuple[int, int]:
+        """(query tile, key tile) for rows of `length` tokens: each configured tile halved (down to
+        MIN_ATTENTION_TILE) until the row holds ROW_TILES of them. The kernel skips a tile pair only
+        when no query sees a key, and a packed row's samples are each a few tiles long only if the
+        tiles are short: the CPU demo's SFT rows (3 samples of ~145 tokens in 512) compute 75% of
+        their pairs at tile 256 and 25% at 64."""
+        def pick(tile: int) -> int:
+            while tile // 2 >= MIN_ATTENTION_TILE and tile * ROW_TILES > length:
+                tile //= 2
+            return tile
+
+        return pick(self.attn_q_tile), pick(self.attn_kv_tile)
+
+
+MIN_ATTENTION_TILE = 64  # below this the kernel's per-tile overhead outweighs the pairs it skips
+ROW_TILES = 8  # tiles per row that `ModelRuntime.attention_tiles` aims for
 
 
 def runtime_options(source: ModelRuntime) -> dict:

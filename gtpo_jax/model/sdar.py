@@ -146,8 +146,8 @@ class Attention(nnx.Module):
         q = apply_rope(self.q_norm(q), q_pos, *rope)
         k = apply_rope(self.k_norm(k), positions, *rope)
         if cache is None:
-            out = block_causal_attention(q, k, v, q_layout, layout, q_tile=self.cfg.attn_q_tile,
-                                         kv_tile=self.cfg.attn_kv_tile)
+            q_tile, kv_tile = self.cfg.attention_tiles(x.shape[1])  # by the row's length (the kernel clips to rows=)
+            out = block_causal_attention(q, k, v, q_layout, layout, q_tile=q_tile, kv_tile=kv_tile)
         else:
             out = cached_attention(q, k, v, q_layout, cache.k.astype(dt), cache.v.astype(dt), cache.length,
                                    tile=cache.tile, kv_layout=layout)
