@@ -192,8 +192,8 @@ def stack_micro_batches(
     targets (e.g. loss weights, advantages); they are padded with zeros and stacked alongside.
     With a fixed `row_len`, row counts are on `bucket_size`'s grid and target counts powers of two;
     with row_len None the shape is fitted to the samples (`fitted_row_shape`, targets on
-    `bucket_size`'s grid). Either way one of `known_shapes` (same row length) is reused when it costs
-    little more (`reusable_shape`).
+    `bucket_size`'s grid). Either way one of `known_shapes` (with a fixed row_len, one of that
+    length) is reused when it costs little more (`reusable_shape`).
     """
     if row_len is None:
         rows, row_len = fitted_row_shape(groups, max_row_len=max_row_len, rows_multiple=rows_multiple)
