@@ -144,7 +144,8 @@ def fitted_row_shape(groups: Sequence[Sequence[SampleLayout]], *, max_row_len: i
                      row_unit: int = 128) -> tuple[int, int]:
     """(rows, row_len) that hold every group of samples (first fit decreasing) with the fewest row
     tokens; among equals the shortest rows (the attention kernel computes tile pairs across a row's
-    samples: the CPU demo's GTPO update took half the CPU time on 32 rows of 384 as on 6 of 2048). Row lengths: the longest sample rounded up on `bucket_size`'s grid (multiples of
+    samples: the CPU demo's GTPO update took half the CPU time on 32 rows of 384 as on 6 of 2048).
+    Row lengths: the longest sample rounded up on `bucket_size`'s grid (multiples of
     `row_unit`), then powers of two × row_unit up to max(max_row_len, SHARED_ROW_TOKENS); row
     counts on `bucket_size`'s grid in multiples of `rows_multiple` (at most 1/8 more than needed).
     So at most (1 + log2(cap / row_unit)) row lengths × the grid's row counts up to one row per
