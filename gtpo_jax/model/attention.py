@@ -16,7 +16,11 @@ of finished blocks all follow from the same three ids.
 
 The kernel is a tiled online-softmax (flash) attention written in JAX with a custom VJP that
 recomputes scores tile by tile in the backward pass: memory is O(L·heads·head_dim) plus one
-tile of scores, and tiles that no query can see are skipped. On GPU the same rule runs as fused
+tile of scores. Each (query tile, key tile) pair is classed once per call (`tile_classes`):
+skipped when no query sees a key, computed without a mask when every query sees every key, and
+with an additive mask built once per pair otherwise. Tiles are laid out heads-major (the query
+heads that share a key head stacked along rows), so that every product in the loops is a plain
+batched matmul: XLA's CPU backend then copies no tile into another layout. On GPU the same rule runs as fused
 Pallas kernels (`attention_pallas`), chosen automatically; CPU keeps this path.
 """
 
@@ -71,116 +75,142 @@ def visibility(q: TokenLayout, kv: TokenLayout) -> jax.Array:
     return (qs == ks) & (ks > 0) & (earlier_clean | same_copy)
 
 
-def _scores(q, k, q_ids, k_ids, scale):
-    # q [b, tq, hkv, g, d], k [b, tk, hkv, d] -> s [b, hkv, g, tq, tk] in float32
-    s = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32) * scale
-    mask = visibility(q_ids, k_ids)[:, None, None]
-    return s, mask
+# Tile pair classes: no query sees a key (skipped), some pairs visible (scores masked), all visible.
+_SKIP, _MASKED, _FULL = 0, 1, 2
 
 
-def _forward_tiles(q, k, v, q_ids, k_ids, scale, q_tile, kv_tile):
-    """q [nq, b, tq, hkv, g, d]; k, v [nk, b, tk, hkv, d]; ids tiled likewise.
+def tile_classes(q_ids: TokenLayout, k_ids: TokenLayout) -> jax.Array:
+    """int32 [nq, nk]: the class of every (query tile, key tile) pair of tiled ids
+    ([n, batch, tile] each), computed one query tile at a time (never an L×L mask)."""
+    nk, b, tk = k_ids.segment.shape
+    flat_k = TokenLayout(*(a.transpose(1, 0, 2).reshape(b, nk * tk) for a in k_ids))
 
-    Returns out [nq, b, tq, hkv, g, d] (q.dtype) and lse [nq, b, hkv, g, tq] (float32,
-    +inf for queries that see nothing, so that their probabilities are 0 in the backward).
+    def one_q_tile(qi):
+        vis = visibility(qi, flat_k).reshape(b, -1, nk, tk)
+        return jnp.where(vis.all((0, 1, 3)), _FULL, jnp.where(vis.any((0, 1, 3)), _MASKED, _SKIP))
+
+    return jax.lax.map(one_q_tile, q_ids).astype(jnp.int32)
+
+
+def _scores(q, k, bias, scale, g):
+    """q [b, hkv, g*tq, d], k [b, hkv, tk, d] -> float32 scaled scores s [b, hkv, g*tq, tk];
+    bias [b, tq, tk] (0 or -inf) is added to every head's scores, None for a fully visible pair."""
+    s = jnp.einsum("bhmd,bhkd->bhmk", q, k, preferred_element_type=jnp.float32) * scale
+    if bias is None:
+        return s
+    b, hkv, m, tk = s.shape
+    return (s.reshape(b, hkv, g, m // g, tk) + bias[:, None, None]).reshape(s.shape)
+
+
+def _bias(q_ids, k_ids):
+    """Additive mask [b, tq, tk] of a partly visible pair, held in memory (the barrier) so that
+    XLA does not recompute the visibility rule for every head's score."""
+    return jax.lax.optimization_barrier(jnp.where(visibility(q_ids, k_ids), 0.0, -jnp.inf).astype(jnp.float32))
+
+
+def _by_class(cls, fn, skip):
+    """lax.switch over a pair's class: `skip()` for invisible pairs, `fn(masked=...)` otherwise."""
+    return jax.lax.switch(cls, [skip, lambda: fn(True), lambda: fn(False)])
+
+
+def _forward_tiles(q, k, v, q_ids, k_ids, classes, scale, g):
+    """q [nq, b, hkv, g*tq, d] (the query heads that share a key head stacked along rows);
+    k, v [nk, b, hkv, tk, d]; ids tiled [n, b, tile]; classes [nq, nk] (`tile_classes`).
+
+    Returns out [nq, b, hkv, g*tq, d] (q.dtype) and lse [nq, b, hkv, g*tq] (float32, +inf for
+    queries that see nothing, so that their probabilities are 0 in the backward).
     """
-    _, b, tq, hkv, g, d = q.shape
+    _, b, hkv, rows, d = q.shape
 
     def one_q_tile(args):
-        qt, qi = args
+        qt, qi, cls_row = args
 
         def kv_step(carry, kv):
-            m, l, acc = carry
-            kt, vt, ki = kv
+            kt, vt, ki, cls = kv
 
-            def update(carry):
+            def update(masked):
                 m, l, acc = carry
-                s, mask = _scores(qt, kt, qi, ki, scale)
-                s = jnp.where(mask, s, -jnp.inf)
+                s = _scores(qt, kt, _bias(qi, ki) if masked else None, scale, g)
                 m_new = jnp.maximum(m, s.max(-1))
                 m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
                 p = jnp.exp(s - m_safe[..., None])
                 alpha = jnp.exp(m - m_safe)
-                l = l * alpha + p.sum(-1)
-                pv = jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(vt.dtype), vt, preferred_element_type=jnp.float32)
-                acc = acc * alpha[..., None] + pv
-                return m_new, l, acc
+                pv = jnp.einsum("bhmk,bhkd->bhmd", p.astype(vt.dtype), vt, preferred_element_type=jnp.float32)
+                return m_new, l * alpha + p.sum(-1), acc * alpha[..., None] + pv
 
-            any_visible = jnp.any(visibility(qi, ki))
-            return jax.lax.cond(any_visible, update, lambda c: c, carry), None
+            return _by_class(cls, update, lambda: carry), None
 
         init = (
-            jnp.full((b, hkv, g, tq), -jnp.inf, jnp.float32),
-            jnp.zeros((b, hkv, g, tq), jnp.float32),
-            jnp.zeros((b, hkv, g, tq, d), jnp.float32),
+            jnp.full((b, hkv, rows), -jnp.inf, jnp.float32),
+            jnp.zeros((b, hkv, rows), jnp.float32),
+            jnp.zeros((b, hkv, rows, d), jnp.float32),
         )
-        (m, l, acc), _ = jax.lax.scan(kv_step, init, (k, v, k_ids))
+        (m, l, acc), _ = jax.lax.scan(kv_step, init, (k, v, k_ids, cls_row))
         seen = l > 0
         out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
         lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
-        return out.transpose(0, 3, 1, 2, 4).astype(q.dtype), lse
+        return out.astype(q.dtype), lse
 
-    return jax.lax.map(one_q_tile, (q, q_ids))
+    return jax.lax.map(one_q_tile, (q, q_ids, classes))
 
 
-def _backward_tiles(q, k, v, q_ids, k_ids, out, lse, dout, scale):
+def _backward_tiles(q, k, v, q_ids, k_ids, classes, out, lse, dout, scale, g):
     """FlashAttention-2 style backward in one pass: the outer loop runs over key tiles (carrying
     the query gradient of every tile), the inner over query tiles; each visible tile's scores
-    are recomputed once and give dV, dK and that query tile's dQ share, never stored."""
-    # delta_i = sum_d dO_i * O_i, [nq, b, hkv, g, tq]
-    delta = jnp.einsum("nbqhgd,nbqhgd->nbhgq", dout.astype(jnp.float32), out.astype(jnp.float32))
-
-    def probs(qt, kt, qi, ki, lse_t):
-        s, mask = _scores(qt, kt, qi, ki, scale)
-        return jnp.where(mask, jnp.exp(s - lse_t[..., None]), 0.0)
+    are recomputed once and give dV, dK and that query tile's dQ share, never stored. Layouts
+    as in `_forward_tiles`: every product is a plain batched matmul over (b, hkv); the softmax
+    scale is applied to dK and dQ once, after their sums."""
+    # delta_i = sum_d dO_i * O_i, [nq, b, hkv, g*tq]
+    delta = jnp.einsum("nbhmd,nbhmd->nbhm", dout.astype(jnp.float32), out.astype(jnp.float32))
 
     def key_tile_step(dq, kv):
-        kt, vt, ki = kv
+        kt, vt, ki, cls_col = kv
 
         def q_step(carry, xs):
             dk, dv, dq = carry
-            i, qt, qi, dot, lse_t, delta_t = xs
+            i, qt, qi, dot, lse_t, delta_t, cls = xs
 
-            def update(dk, dv):
-                p = probs(qt, kt, qi, ki, lse_t)
-                dv = dv + jnp.einsum("bhgqk,bqhgd->bkhd", p, dot.astype(jnp.float32))
-                dp = jnp.einsum("bqhgd,bkhd->bhgqk", dot, vt, preferred_element_type=jnp.float32)
+            def update(masked):
+                s = _scores(qt, kt, _bias(qi, ki) if masked else None, scale, g)
+                p = jnp.exp(s - lse_t[..., None])  # masked scores are -inf: p = 0 there
+                dv_t = jnp.einsum("bhmk,bhmd->bhkd", p, dot.astype(jnp.float32))
+                dp = jnp.einsum("bhmd,bhkd->bhmk", dot, vt, preferred_element_type=jnp.float32)
                 ds = p * (dp - delta_t[..., None])
-                dk = dk + jnp.einsum("bhgqk,bqhgd->bkhd", ds, qt.astype(jnp.float32)) * scale
-                dq_tile = jnp.einsum("bhgqk,bkhd->bqhgd", ds, kt.astype(jnp.float32)) * scale
-                return dk, dv, dq_tile
+                dk_t = jnp.einsum("bhmk,bhmd->bhkd", ds, qt.astype(jnp.float32))
+                dq_t = jnp.einsum("bhmk,bhkd->bhmd", ds, kt.astype(jnp.float32))
+                return dk + dk_t, dv + dv_t, dq_t
 
-            def skip(dk, dv):
+            def skip():
                 return dk, dv, jnp.zeros(qt.shape, jnp.float32)
 
             # dQ stays outside the conditional: passing the whole carry through it would copy it
-            dk, dv, dq_tile = jax.lax.cond(jnp.any(visibility(qi, ki)), update, skip, dk, dv)
+            dk, dv, dq_tile = _by_class(cls, update, skip)
             return (dk, dv, dq.at[i].add(dq_tile)), None
 
         zeros = jnp.zeros(kt.shape, jnp.float32)
-        xs = (jnp.arange(q.shape[0]), q, q_ids, dout, lse, delta)
+        xs = (jnp.arange(q.shape[0]), q, q_ids, dout, lse, delta, cls_col)
         (dk, dv, dq), _ = jax.lax.scan(q_step, (zeros, zeros, dq), xs)
-        return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
+        return dq, ((dk * scale).astype(k.dtype), dv.astype(v.dtype))
 
-    dq, (dk, dv) = jax.lax.scan(key_tile_step, jnp.zeros(q.shape, jnp.float32), (k, v, k_ids))
-    return dq.astype(q.dtype), dk, dv
+    dq, (dk, dv) = jax.lax.scan(key_tile_step, jnp.zeros(q.shape, jnp.float32), (k, v, k_ids, classes.T))
+    return (dq * scale).astype(q.dtype), dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _flash(q, k, v, q_ids, k_ids, scale, q_tile, kv_tile):
-    out, _ = _forward_tiles(q, k, v, q_ids, k_ids, scale, q_tile, kv_tile)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _flash(q, k, v, q_ids, k_ids, classes, scale, g):
+    out, _ = _forward_tiles(q, k, v, q_ids, k_ids, classes, scale, g)
     return out
 
 
-def _flash_fwd(q, k, v, q_ids, k_ids, scale, q_tile, kv_tile):
-    out, lse = _forward_tiles(q, k, v, q_ids, k_ids, scale, q_tile, kv_tile)
-    return out, (q, k, v, q_ids, k_ids, out, lse)
+def _flash_fwd(q, k, v, q_ids, k_ids, classes, scale, g):
+    out, lse = _forward_tiles(q, k, v, q_ids, k_ids, classes, scale, g)
+    return out, (q, k, v, q_ids, k_ids, classes, out, lse)
 
 
-def _flash_bwd(scale, q_tile, kv_tile, res, dout):
-    q, k, v, q_ids, k_ids, out, lse = res
-    dq, dk, dv = _backward_tiles(q, k, v, q_ids, k_ids, out, lse, dout, scale)
-    return dq, dk, dv, None, None
+def _flash_bwd(scale, g, res, dout):
+    q, k, v, q_ids, k_ids, classes, out, lse = res
+    dq, dk, dv = _backward_tiles(q, k, v, q_ids, k_ids, classes, out, lse, dout, scale, g)
+    return dq, dk, dv, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -223,13 +253,15 @@ def block_causal_attention(
     kv_tile = min(kv_tile, round_up(lk, 8))
     lq_pad, lk_pad = round_up(lq, q_tile), round_up(lk, kv_tile)
 
-    def tile(x, length, t):
+    def heads_major(x, length, t):  # [b, L, hkv, (g,) d] -> [n, b, hkv, (g·)t, d]
         x = jnp.pad(x, [(0, 0), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
-        return x.reshape(b, length // t, t, *x.shape[2:]).swapaxes(0, 1)
+        x = x.reshape(b, length // t, t, hkv, -1, d).transpose(1, 0, 3, 4, 2, 5)
+        return x.reshape(length // t, b, hkv, -1, d)
 
-    qt = tile(q.reshape(b, lq, hkv, g, d), lq_pad, q_tile)
-    kt, vt = tile(k, lk_pad, kv_tile), tile(v, lk_pad, kv_tile)
+    qt = heads_major(q.reshape(b, lq, hkv, g, d), lq_pad, q_tile)
+    kt, vt = heads_major(k, lk_pad, kv_tile), heads_major(v, lk_pad, kv_tile)
     q_ids = q_layout.pad(lq_pad).tiles(q_tile)
     k_ids = kv_layout.pad(lk_pad).tiles(kv_tile)
-    out = _flash(qt, kt, vt, q_ids, k_ids, d**-0.5, q_tile, kv_tile)
-    return out.swapaxes(0, 1).reshape(b, lq_pad, hq, d)[:, :lq]
+    out = _flash(qt, kt, vt, q_ids, k_ids, tile_classes(q_ids, k_ids), d**-0.5, g)
+    out = out.reshape(lq_pad // q_tile, b, hkv, g, q_tile, d).transpose(1, 0, 4, 2, 3, 5)
+    return out.reshape(b, lq_pad, hq, d)[:, :lq]
