@@ -1,5 +1,7 @@
 """The Flax model against transformers' Qwen3ForCausalLM with an explicit block-causal mask."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,7 @@ import torch
 from conftest import block_causal_additive_mask, write_tiny_hf_checkpoint
 from gtpo_jax.hf_io import load_hf_model
 from gtpo_jax.model import TokenLayout
+from gtpo_jax.model.sdar import linear
 
 
 def hf_logits(model, tokens, block_size):
@@ -46,3 +49,16 @@ def test_rope_scaling_linear_matches_transformers(tmp_path, rng):
     positions = np.arange(24)[None]
     hidden, _ = model(tokens, positions, TokenLayout.contiguous(positions, 4))
     np.testing.assert_allclose(np.asarray(model.logits(hidden)), hf_logits(ref, tokens, 4), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("k,n", [(24, 40), (40, 24)])  # both orders of the weight-gradient product
+def test_linear_values_and_gradients_match_matmul(rng, k, n):
+    """`linear`'s custom backward (operand order chosen for XLA's CPU dot) against autodiff of x @ w."""
+    x = jnp.asarray(rng.normal(size=(2, 7, k)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(k, n)), jnp.float32)
+    dy = jnp.asarray(rng.normal(size=(2, 7, n)), jnp.float32)
+    ours = jax.grad(lambda x, w: (linear(x, w) * dy).sum(), (0, 1))(x, w)
+    plain = jax.grad(lambda x, w: (jnp.matmul(x, w) * dy).sum(), (0, 1))(x, w)
+    np.testing.assert_allclose(np.asarray(linear(x, w)), np.asarray(x @ w), atol=1e-5, rtol=0)
+    for g_ours, g_plain in zip(ours, plain):
+        np.testing.assert_allclose(np.asarray(g_ours), np.asarray(g_plain), atol=1e-4, rtol=0)

@@ -37,6 +37,33 @@ class LayerCache(NamedTuple):
     tile: int
 
 
+@jax.custom_vjp
+def linear(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., K] @ w [K, N]. Same values and gradients as `x @ w`; the custom backward orders
+    the weight-gradient product so that XLA's CPU dot transposes the narrower of x and dy
+    (autodiff's order has it copy a transposed [tokens, 768] MLP activation per matmul:
+    the MLP's backward took 30% longer)."""
+    return x @ w
+
+
+def _linear_fwd(x, w):
+    return x @ w, (x, w)
+
+
+def _linear_bwd(res, dy):
+    x, w = res
+    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    dx = jnp.einsum("tn,kn->tk", dy2, w).reshape(x.shape)
+    if x2.shape[1] <= dy2.shape[1]:
+        dw = jnp.einsum("tn,tk->nk", dy2, x2).T
+    else:
+        dw = jnp.einsum("tk,tn->kn", x2, dy2)
+    return dx, dw.astype(w.dtype)
+
+
+linear.defvjp(_linear_fwd, _linear_bwd)
+
+
 def _param(rngs: nnx.Rngs, shape, axes, dtype, init=None):
     init = init or nnx.initializers.normal(0.02)
     return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=axes)
@@ -140,9 +167,11 @@ class Attention(nnx.Module):
         if rows is not None:
             q_x, q_pos, q_layout = take_rows(x, rows), take_rows(positions, rows), TokenLayout(
                 *(take_rows(a, rows) for a in layout))
-        q = jnp.einsum("bld,dnh->blnh", q_x, self.q_proj[...].astype(dt))
-        k = jnp.einsum("bld,dnh->blnh", x, self.k_proj[...].astype(dt))
-        v = jnp.einsum("bld,dnh->blnh", x, self.v_proj[...].astype(dt))
+
+        def project(x, w):  # x [b, l, hidden] @ w [hidden, heads, head_dim] -> [b, l, heads, head_dim]
+            return linear(x, w.reshape(w.shape[0], -1).astype(dt)).reshape(*x.shape[:2], *w.shape[1:])
+
+        q, k, v = project(q_x, self.q_proj[...]), project(x, self.k_proj[...]), project(x, self.v_proj[...])
         q = apply_rope(self.q_norm(q), q_pos, *rope)
         k = apply_rope(self.k_norm(k), positions, *rope)
         if cache is None:
@@ -151,7 +180,9 @@ class Attention(nnx.Module):
         else:
             out = cached_attention(q, k, v, q_layout, cache.k.astype(dt), cache.v.astype(dt), cache.length,
                                    tile=cache.tile, kv_layout=layout)
-        return jnp.einsum("blnh,nhd->bld", out, self.o_proj[...].astype(dt)), LayerKV(k, v)
+        o_proj = self.o_proj[...]
+        o = linear(out.reshape(*out.shape[:2], -1), o_proj.reshape(-1, o_proj.shape[-1]).astype(dt))
+        return o, LayerKV(k, v)
 
 
 class MLP(nnx.Module):
@@ -164,9 +195,9 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         dt = x.dtype
-        gate = x @ self.gate_proj[...].astype(dt)
-        up = x @ self.up_proj[...].astype(dt)
-        return (jax.nn.silu(gate) * up) @ self.down_proj[...].astype(dt)
+        gate = linear(x, self.gate_proj[...].astype(dt))
+        up = linear(x, self.up_proj[...].astype(dt))
+        return linear(jax.nn.silu(gate) * up, self.down_proj[...].astype(dt))
 
 
 class DecoderLayer(nnx.Module):
