@@ -21,15 +21,23 @@ import jax.numpy as jnp
 VOCAB_TILE = 1024
 
 
-def _tiles(head: jax.Array, tile: int, dtype) -> tuple[jax.Array, jax.Array]:
-    """[hidden, vocab] -> tiles [n, hidden, tile] (zero-padded) and a [n, tile] additive mask
-    (-inf on padding columns)."""
-    d, v = head.shape
+def _tile_starts(v: int, tile: int) -> tuple[jax.Array, jax.Array]:
+    """First column of every vocabulary tile, int32 [n], and each tile's additive mask [n, tile].
+
+    The head is read in place, one [hidden, tile] column window per tile (no padded or tiled copy
+    of it): the last window is moved back to end at the last column, and its columns that the
+    previous tile already covered are masked (-inf), so every column counts exactly once."""
     n = -(-v // tile)
-    padded = jnp.pad(head.astype(dtype), ((0, 0), (0, n * tile - v)))
-    tiles = padded.reshape(d, n, tile).transpose(1, 0, 2)
-    bias = jnp.where(jnp.arange(n * tile) < v, 0.0, -jnp.inf).astype(jnp.float32).reshape(n, tile)
-    return tiles, bias
+    nominal = jnp.arange(n, dtype=jnp.int32) * tile
+    starts = jnp.minimum(nominal, v - tile)
+    columns = starts[:, None] + jnp.arange(tile, dtype=jnp.int32)
+    bias = jnp.where(columns >= nominal[:, None], 0.0, -jnp.inf).astype(jnp.float32)
+    return starts, bias
+
+
+def _window(head, start, tile, dtype):
+    """head[:, start:start + tile] as `dtype`."""
+    return jax.lax.dynamic_slice_in_dim(head, start, tile, axis=1).astype(dtype)
 
 
 def _picked(hidden, head, tokens):
@@ -40,20 +48,21 @@ def _picked(hidden, head, tokens):
 
 def _log_normalisers(hidden, head, chunk, tile):
     """logsumexp over the vocabulary of h · W for every row of hidden [T, d] -> float32 [T]."""
-    tiles, bias = _tiles(head, tile, hidden.dtype)
+    starts, bias = _tile_starts(head.shape[1], tile)
     t, d = hidden.shape
 
     def one_chunk(h):
         def step(carry, xs):
             m, s = carry
-            w, b = xs
+            start, b = xs
+            w = _window(head, start, tile, h.dtype)
             logits = jnp.einsum("td,dv->tv", h, w, preferred_element_type=jnp.float32) + b
             m_new = jnp.maximum(m, logits.max(-1))
             s = s * jnp.exp(m - m_new) + jnp.exp(logits - m_new[:, None]).sum(-1)
             return (m_new, s), None
 
         init = (jnp.full((chunk,), -jnp.inf, jnp.float32), jnp.zeros((chunk,), jnp.float32))
-        (m, s), _ = jax.lax.scan(step, init, (tiles, bias))
+        (m, s), _ = jax.lax.scan(step, init, (starts, bias))
         return m + jnp.log(s)
 
     return jax.lax.map(one_chunk, hidden.reshape(t // chunk, chunk, d)).reshape(t)
@@ -72,29 +81,30 @@ def _fwd(hidden, head, tokens, chunk, tile):
 def _bwd(chunk, tile, res, g):
     hidden, head, tokens, lse = res
     t, d = hidden.shape
-    v = head.shape[1]
-    tiles, bias = _tiles(head, tile, hidden.dtype)
+    starts, bias = _tile_starts(head.shape[1], tile)
     g = g.astype(jnp.float32)
 
     def one_chunk(d_head, xs):
         h, lse_c, g_c = xs
 
-        def step(carry, i):
+        def step(carry, xs):
             dh, d_head = carry
-            logits = jnp.einsum("td,dv->tv", h, tiles[i], preferred_element_type=jnp.float32) + bias[i]
-            # d(-lse)/d logits, times the incoming gradient: -g · softmax
+            start, b = xs
+            w = _window(head, start, tile, h.dtype)
+            logits = jnp.einsum("td,dv->tv", h, w, preferred_element_type=jnp.float32) + b
+            # d(-lse)/d logits, times the incoming gradient: -g · softmax (0 on masked columns)
             grad = -g_c[:, None] * jnp.exp(logits - lse_c[:, None])
-            dh = dh + jnp.einsum("tv,dv->td", grad, tiles[i].astype(jnp.float32))
-            d_head = d_head.at[i].add(jnp.einsum("td,tv->dv", h.astype(jnp.float32), grad))
-            return (dh, d_head), None
+            dh = dh + jnp.einsum("tv,dv->td", grad, w.astype(jnp.float32))
+            window = jax.lax.dynamic_slice_in_dim(d_head, start, tile, axis=1)
+            window = window + jnp.einsum("td,tv->dv", h.astype(jnp.float32), grad)
+            return (dh, jax.lax.dynamic_update_slice_in_dim(d_head, window, start, axis=1)), None
 
-        (dh, d_head), _ = jax.lax.scan(step, (jnp.zeros((chunk, d), jnp.float32), d_head), jnp.arange(len(tiles)))
+        (dh, d_head), _ = jax.lax.scan(step, (jnp.zeros((chunk, d), jnp.float32), d_head), (starts, bias))
         return d_head, dh
 
     n = t // chunk
     xs = (hidden.reshape(n, chunk, d), lse.reshape(n, chunk), g.reshape(n, chunk))
-    d_tiles, dh = jax.lax.scan(one_chunk, jnp.zeros(tiles.shape, jnp.float32), xs)
-    d_head = d_tiles.transpose(1, 0, 2).reshape(d, -1)[:, :v]
+    d_head, dh = jax.lax.scan(one_chunk, jnp.zeros(head.shape, jnp.float32), xs)
     # d(picked): g_t · W[:, token_t] into dh, g_t · h_t into column token_t of the head gradient
     dh = dh.reshape(t, d) + g[:, None] * jnp.take(head, tokens, axis=1).T.astype(jnp.float32)
     d_head = d_head.at[:, tokens].add((g[:, None] * hidden.astype(jnp.float32)).T)
