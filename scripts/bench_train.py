@@ -122,10 +122,11 @@ def matmul_peak() -> float:
 
 
 # ------------------------------------------------------------------------------------ JAX --
-def run_jax(mode: str, length: int, steps: int, workload: dict) -> dict:
+def build_jax_step(mode: str, length: int, workload: dict):
+    """The jitted update step of this workload (not compiled), its inputs and the attention tile:
+    (step, params, opt_state, batch, response, tile). scripts/profile_train.py profiles the same."""
     import jax
     from flax import nnx
-    from hlo_flops import matmul_flops
 
     from gtpo_jax.config import Config
     from gtpo_jax.data.tokenizer import TokenIds
@@ -161,6 +162,14 @@ def run_jax(mode: str, length: int, steps: int, workload: dict) -> dict:
         loss_fn = gtpo_loss_fn(eps_low=0.2, eps_high=0.28, beta=0.0, use_old_logprobs=False, tis_cap=0.0,
                                vocab_chunk=chunk)
     step = jax.jit(make_update_step(graphdef, tx, loss_fn), donate_argnums=(0, 1))
+    return step, params, opt_state, batch, response, tile
+
+
+def run_jax(mode: str, length: int, steps: int, workload: dict) -> dict:
+    import jax
+    from hlo_flops import matmul_flops
+
+    step, params, opt_state, batch, response, tile = build_jax_step(mode, length, workload)
     compiled = step.lower(params, opt_state, batch).compile()
     temp = compiled.memory_analysis().temp_size_in_bytes
     raw = compiled.cost_analysis()
