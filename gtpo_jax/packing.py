@@ -144,7 +144,8 @@ def fitted_row_shape(groups: Sequence[Sequence[SampleLayout]], *, max_row_len: i
                      row_unit: int = 128) -> tuple[int, int]:
     """(rows, row_len) that hold every group of samples (first fit decreasing) with the fewest row
     tokens; among equals the shortest rows (the attention kernel computes tile pairs across a row's
-    samples: the CPU demo's GTPO update took half the CPU time on 32 rows of 384 as on 6 of 2048).
+    samples: one CPU demo GTPO step's 12288 row tokens took half the update CPU time in 32 rows of
+    384 as in 6 rows of 2048; that step still gets 2048, 384 not being one of its candidates).
     Row lengths: the longest sample rounded up on `bucket_size`'s grid (multiples of
     `row_unit`), then powers of two × row_unit up to max(max_row_len, SHARED_ROW_TOKENS); row
     counts on `bucket_size`'s grid in multiples of `rows_multiple` (at most 1/8 more than needed).
