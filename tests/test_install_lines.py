@@ -78,3 +78,10 @@ def test_every_documented_install_line_resolves_with_pip():
     result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "check_install_lines.py")],
                             capture_output=True, text=True, cwd=ROOT, timeout=1800)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+
+
+def test_the_chat_template_renderer_is_a_core_dependency():
+    """Prompts are rendered by transformers' apply_chat_template, which imports jinja2 without
+    depending on it: the demo's install (`.[plot]`, no torch to pull it in) failed at its first
+    prompt until jinja2 was declared."""
+    assert "jinja2" in {r.name.lower() for r in extras()[""]}
