@@ -48,8 +48,7 @@ class ModelRuntime:
     dtype: Literal["float32", "bfloat16"] = "float32"  # dtype of the forward computation (activations, matmuls)
     # activation rematerialisation per decoder layer: none, full, or save only matmul outputs (dots)
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
-    # The JAX block-causal attention kernel's largest tiles (tokens); rows shorter than 8 tiles use
-    # smaller ones (`attention_tiles`). The GPU kernels choose their own.
+    # Rows shorter than 8 tiles use smaller ones (`attention_tiles`); the GPU kernels choose their own.
     attn_q_tile: int = 256  # largest query tile of the JAX attention kernel (tokens; shorter rows: smaller)
     attn_kv_tile: int = 256  # largest key/value tile of the JAX attention kernel (tokens; shorter rows: smaller)
 
