@@ -1,5 +1,5 @@
 """The synthetic arithmetic task's sloppy teacher (data.synthetic_carry_slip), checked against
-sums computed here digit by digit."""
+sums computed here digit by digit, and its inconsistent spacing (data.synthetic_spacing)."""
 
 from __future__ import annotations
 
@@ -59,3 +59,27 @@ def test_only_the_sft_file_carries_the_slips(tmp_path):
     assert all(int(r["ground_truth_answer"]) == sum(operands(r["question"])) for r in rl)
     wrong = np.mean([boxed(r["response"]) != sum(operands(r["prompt"].split("\n")[0])) for r in sft])
     assert 0.3 < wrong < 0.6  # about the share of questions with a carry (45% of 2-digit pairs)
+
+
+def test_a_careless_typist_spaces_operators_of_its_share_of_solutions_and_changes_nothing_else():
+    tight = synthetic_examples(2000, seed=3, digits=2, carry_slip=0.7)
+    loose = synthetic_examples(2000, seed=3, digits=2, carry_slip=0.7, spacing=0.4)
+    spaced = operators = careless = mixed = 0
+    for t, lo in zip(tight, loose, strict=True):
+        assert (lo.question, lo.answer) == (t.question, t.answer)
+        # removing the spaces of the worked steps gives back the tight text (same slips, same sums)
+        steps, rest = lo.response.split(". So ", 1)
+        assert steps.replace(" + ", "+").replace(" = ", "=") + ". So " + rest == t.response
+        assert rest == t.response.split(". So ", 1)[1]  # the summary line is never spaced
+        ops = re.findall(r" ?[+=] ?", steps)
+        assert all(op in ("+", "=", " + ", " = ") for op in ops)
+        n_spaced = sum(op.startswith(" ") for op in ops)
+        spaced += n_spaced
+        operators += len(ops)
+        careless += n_spaced > 0
+        mixed += 0 < n_spaced < len(ops)
+    # 40% of solutions careless, each operator of theirs spaced at even odds: 20% of all operators;
+    # a careless solution is all-tight with probability 2^-ops (4-5 operators), so ~38% have a space
+    assert spaced / operators == pytest.approx(0.2, abs=0.02)
+    assert careless / len(loose) == pytest.approx(0.4 * (1 - 0.5**4.5), abs=0.04)
+    assert mixed / careless > 0.8  # chosen per operator, not once per solution

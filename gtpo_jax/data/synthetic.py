@@ -9,6 +9,13 @@ forget every carry (a consistent but wrong computation, e.g. 27+45: "7+5=12, 2+4
 A model imitating it samples the slip at T=1 as often as the teacher made it, a mistake the
 accuracy reward can find and remove (the CPU demo's headroom for RL); the RL prompts and the
 held-out answers stay correct.
+
+`spacing` is the fraction of worked solutions typed carelessly: each `+` and `=` of their column
+steps gets a space on both sides or not, at random (even odds, per operator). The arithmetic is
+the same either way, but a model imitating it must guess at every operator whether a space comes,
+and the guess moves every later token of the block, so it cannot commit them in one forward:
+careless spacing costs parallel decoding without changing correctness, the habit the speed
+reward (SPEC 5.1) can remove.
 """
 
 from __future__ import annotations
@@ -29,16 +36,22 @@ class ArithmeticExample:
     answer: str
 
 
-def worked_addition(a: int, b: int, forget_carry: bool = False) -> str:
+def worked_addition(a: int, b: int, forget_carry: bool = False, spaced=None) -> str:
     """Column-by-column addition ending in `\\boxed{}`; `forget_carry` drops every carry (and so
-    writes a wrong sum: the last column's sum, then the other columns' sums mod 10)."""
+    writes a wrong sum: the last column's sum, then the other columns' sums mod 10). `spaced`, an
+    iterator of bools, says per operator of the column steps whether it gets spaces around it."""
+    spaced = iter(() if spaced is None else spaced)
+
+    def op(symbol: str) -> str:
+        return f" {symbol} " if next(spaced, False) else symbol
+
     steps, carry, digits = [], 0, []
     da, db = str(a)[::-1], str(b)[::-1]
     for i in range(max(len(da), len(db))):
         x = int(da[i]) if i < len(da) else 0
         y = int(db[i]) if i < len(db) else 0
         s = x + y + carry
-        steps.append(f"{x}+{y}" + (f"+{carry}" if carry else "") + f"={s}")
+        steps.append(f"{x}{op('+')}{y}" + (f"{op('+')}{carry}" if carry else "") + f"{op('=')}{s}")
         digits.append(str(s % 10))
         carry = 0 if forget_carry else s // 10
     total = int(str(s) + "".join(reversed(digits[:-1])))  # == a + b unless a carry was forgotten
@@ -58,15 +71,20 @@ def needs_carry(a: int, b: int) -> bool:
     return False
 
 
-def synthetic_examples(n: int, seed: int, digits: int = 2, carry_slip: float = 0.0) -> list[ArithmeticExample]:
+def synthetic_examples(n: int, seed: int, digits: int = 2, carry_slip: float = 0.0,
+                       spacing: float = 0.0) -> list[ArithmeticExample]:
     """`answer` is always the true sum; `response` is the (possibly sloppy) teacher's."""
     rng = np.random.default_rng(seed)
     slips = np.random.default_rng([seed, 1]).random(n) < carry_slip  # own stream: same questions for any rate
+    # own stream, a fixed number of draws per example: the questions and slips do not depend on it
+    space_rng = np.random.default_rng([seed, 2])
+    sloppy = space_rng.random(n) < spacing
+    spaces = (space_rng.random((n, 3 * (digits + 1))) < 0.5) & sloppy[:, None]
     lo, hi = 10 ** (digits - 1), 10**digits
     out = []
     for i in range(n):
         a, b = (int(x) for x in rng.integers(lo, hi, 2))
-        response = worked_addition(a, b, forget_carry=bool(slips[i]) and needs_carry(a, b))
+        response = worked_addition(a, b, forget_carry=bool(slips[i]) and needs_carry(a, b), spaced=spaces[i])
         out.append(ArithmeticExample(f"What is {a} + {b}?", response, str(a + b)))
     return out
 
@@ -77,11 +95,12 @@ def task_paths(out_dir: str) -> dict[str, str]:
 
 
 def write_synthetic_task(out_dir: str, n_train: int, n_eval: int, seed: int = 0, digits: int = 2,
-                         carry_slip: float = 0.0) -> dict[str, str]:
+                         carry_slip: float = 0.0, spacing: float = 0.0) -> dict[str, str]:
     """sft_train.jsonl, rl_train.jsonl and rl_eval.jsonl; held-out questions never appear in
-    the training files. Deterministic in (n_train, n_eval, seed, digits, carry_slip)."""
+    the training files. Deterministic in (n_train, n_eval, seed, digits, carry_slip, spacing)."""
     os.makedirs(out_dir, exist_ok=True)
-    pool = synthetic_examples(4 * (n_train + n_eval), seed=seed, digits=digits, carry_slip=carry_slip)
+    pool = synthetic_examples(4 * (n_train + n_eval), seed=seed, digits=digits, carry_slip=carry_slip,
+                              spacing=spacing)
     seen, unique = set(), []
     for ex in pool:
         if ex.question not in seen:

@@ -1,0 +1,90 @@
+"""What the speed reward changed in the demo: the format of sampled answers (T = 1, the rollout
+decoding) of checkpoints on the held-out questions, and tokens per forward by format.
+
+The demo's SFT teacher spaces each operator of a worked step at random (`data.synthetic_spacing`);
+a model that imitates it must guess the spacing at every operator, and the guess moves the rest of
+the block, so mixed answers take more forwards. Per checkpoint this prints the share of spaced
+operators, and for answers with no spaced operator / some / all: their share, tokens per forward
+and accuracy (boxed sum == true sum).
+
+python scripts/spacing.py runs/tiny/sft/checkpoints runs/tiny/gtpo/checkpoints runs/tiny/gtpo_speed/checkpoints \\
+    --config runs/tiny/gtpo_speed/config.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+
+import numpy as np
+
+from gtpo_jax.checkpoint import load_model
+from gtpo_jax.config import Config
+from gtpo_jax.config_loader import load_config
+from gtpo_jax.data.records import read_rl_records
+from gtpo_jax.data.tokenizer import chat_prompt, load_tokenizer, resolve_token_ids
+from gtpo_jax.rollout import RolloutSpec
+from gtpo_jax.rollout.jax_backend import JaxRollout
+
+OPERATOR = re.compile(r" ?[+=] ?")
+
+
+def answer_format(text: str) -> tuple[str, int, int]:
+    """('tight' | 'mixed' | 'spaced', spaced operators, operators) of the worked steps (before ". So")."""
+    ops = OPERATOR.findall(text.split(". So ", 1)[0])
+    spaced = sum(op.startswith(" ") for op in ops)
+    return ("tight" if spaced == 0 else "spaced" if spaced == len(ops) else "mixed"), spaced, len(ops)
+
+
+def is_right(question: str, text: str) -> bool:
+    a, b = map(int, re.match(r"What is (\d+) \+ (\d+)\?", question).groups())
+    boxed = re.findall(r"boxed\{(\d+)\}", text)
+    return bool(boxed) and int(boxed[-1]) == a + b
+
+
+def sample(path: str, cfg: Config, tokenizer, questions, n: int, seed: int) -> list[tuple[str, str, float, bool]]:
+    """(question, text, tokens per forward, truncated) of n T=1 samples per question."""
+    spec = RolloutSpec(cfg.decoding, resolve_token_ids(tokenizer, cfg.block_size), greedy=False)
+    backend = JaxRollout.from_spec(spec, load_model(path), tokenizer=tokenizer)
+    out = []
+    for start in range(0, len(questions), 64):
+        batch = questions[start : start + 64]
+        prompts = [tokenizer.encode(chat_prompt(q.question, think=cfg.data.think), add_special_tokens=False)
+                   for q in batch]
+        for q, group in zip(batch, backend.generate(prompts, n, seed=seed + start)):
+            out.extend((q.question, r.text, float(r.tokens_per_forward), bool(r.truncated)) for r in group)
+    return out
+
+
+def summary(samples: list[tuple[str, str, float, bool]]) -> dict:
+    rows = [(*answer_format(text), tpf, is_right(q, text) and not cut) for q, text, tpf, cut in samples]
+    spaced = sum(r[1] for r in rows) / max(1, sum(r[2] for r in rows))
+    out = {"answers": len(rows), "spaced_operators": round(spaced, 3),
+           "tokens_per_forward": round(float(np.mean([r[3] for r in rows])), 3),
+           "accuracy": round(float(np.mean([r[4] for r in rows])), 3)}
+    for kind in ("tight", "mixed", "spaced"):
+        sel = [r for r in rows if r[0] == kind]
+        out[kind] = {"share": round(len(sel) / len(rows), 3),
+                     "tokens_per_forward": round(float(np.mean([r[3] for r in sel])), 3) if sel else None,
+                     "accuracy": round(float(np.mean([r[4] for r in sel])), 3) if sel else None}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("models", nargs="+", help="checkpoint roots or HF directories")
+    ap.add_argument("--config", default="runs/tiny/gtpo_speed/config.yaml",
+                    help="a GTPO run's config: held-out questions, decoding")
+    ap.add_argument("--samples", type=int, default=4, help="T=1 samples per held-out question")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    cfg = load_config(Config, args.config, [])
+    tokenizer = load_tokenizer(cfg.tokenizer.path)
+    questions = [q for f in cfg.data.eval_files for q in read_rl_records(f)][: cfg.eval.max_questions or None]
+    for path in args.models:
+        print(path, json.dumps(summary(sample(path, cfg, tokenizer, questions, args.samples, args.seed))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
