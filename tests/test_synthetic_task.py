@@ -4,12 +4,17 @@ sums computed here digit by digit, and its inconsistent spacing (data.synthetic_
 from __future__ import annotations
 
 import json
+import os
 import re
+import sys
 
 import numpy as np
 import pytest
 
 from gtpo_jax.data.synthetic import synthetic_examples, write_synthetic_task
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
+from spacing import answer_format, is_right  # noqa: E402  (scripts/spacing.py, the probe's analysis)
 
 
 def boxed(response: str) -> int:
@@ -83,3 +88,12 @@ def test_a_careless_typist_spaces_operators_of_its_share_of_solutions_and_change
     assert spaced / operators == pytest.approx(0.2, abs=0.02)
     assert careless / len(loose) == pytest.approx(0.4 * (1 - 0.5**4.5), abs=0.04)
     assert mixed / careless > 0.8  # chosen per operator, not once per solution
+
+
+def test_the_spacing_analysis_reads_formats_and_answers_of_handwritten_solutions():
+    assert answer_format("7+5=12, 2+4+1=7. So 27+45=72. \\boxed{72}") == ("tight", 0, 5)
+    assert answer_format("7 + 5 = 12, 2 + 4 + 1 = 7. So 27+45=72. \\boxed{72}") == ("spaced", 5, 5)
+    assert answer_format("7 + 5=12, 2+4+1 = 7. So 27+45=72. \\boxed{72}") == ("mixed", 2, 5)
+    assert is_right("What is 27 + 45?", "7+5=12, 2+4+1=7. So 27+45=72. \\boxed{72}")
+    assert not is_right("What is 27 + 45?", "7+5=12, 2+4=6. So 27+45=62. \\boxed{62}")
+    assert not is_right("What is 27 + 45?", "7+5=12, 2+4+1=7. So 27+45=72.")  # no boxed answer
