@@ -1,11 +1,11 @@
-"""What the speed reward changed in the demo: the format of sampled answers (T = 1, the rollout
-decoding) of checkpoints on the held-out questions, and tokens per forward by format.
+"""The speed-reward probe's analysis: the format of sampled answers (T = 1, the rollout decoding)
+of checkpoints on the held-out questions, and tokens per forward by format.
 
-The demo's SFT teacher spaces each operator of a worked step at random (`data.synthetic_spacing`);
-a model that imitates it must guess the spacing at every operator, and the guess moves the rest of
-the block, so mixed answers take more forwards. Per checkpoint this prints the share of spaced
-operators, and for answers with no spaced operator / some / all: their share, tokens per forward
-and accuracy (boxed sum == true sum).
+With `data.synthetic_spacing` > 0 (off in the demo's configs) that share of the SFT teacher's
+solutions space each operator of their worked steps at random; a model that imitates it must guess
+the spacing at every operator, and the guess moves the rest of the block. Per checkpoint this
+prints the share of spaced operators, and for answers with no spaced operator / some / all: their
+share, tokens per forward and accuracy (boxed sum == true sum). README (the CPU demo) quotes it.
 
 python scripts/spacing.py runs/tiny/sft/checkpoints runs/tiny/gtpo/checkpoints runs/tiny/gtpo_speed/checkpoints \\
     --config runs/tiny/gtpo_speed/config.yaml
