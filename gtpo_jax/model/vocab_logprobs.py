@@ -95,8 +95,7 @@ def _bwd(chunk, tile, res, g):
             # d(-lse)/d logits, times the incoming gradient: -g · softmax (0 on masked columns)
             grad = -g_c[:, None] * jnp.exp(logits - lse_c[:, None])
             dh = dh + jnp.einsum("tv,dv->td", grad, w.astype(jnp.float32))
-            window = jax.lax.dynamic_slice_in_dim(d_head, start, tile, axis=1)
-            window = window + jnp.einsum("td,tv->dv", h.astype(jnp.float32), grad)
+            window = _window(d_head, start, tile, jnp.float32) + jnp.einsum("td,tv->dv", h.astype(jnp.float32), grad)
             return (dh, jax.lax.dynamic_update_slice_in_dim(d_head, window, start, axis=1)), None
 
         (dh, d_head), _ = jax.lax.scan(step, (jnp.zeros((chunk, d), jnp.float32), d_head), (starts, bias))
