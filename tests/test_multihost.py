@@ -73,6 +73,7 @@ def test_sft_two_processes_equal_one_and_checkpoints_cross_topologies(tmp_path):
     assert sorted(os.listdir(two / "hf")) == sorted(os.listdir(ref / "hf"))
 
 
+@pytest.mark.slow  # ~110 s; the SFT two-process test keeps the multi-controller path in the default suite
 def test_gtpo_two_processes_equal_one(tmp_path):
     ok(run(1, tmp_path / "one", GTPO + ["train.steps=2"]))
     ok(run(2, tmp_path / "two", GTPO + ["train.steps=2"]))
@@ -82,6 +83,7 @@ def test_gtpo_two_processes_equal_one(tmp_path):
     assert_same_steps(two, one, [1, 2], ["loss", "grad_norm", "reward_mean", "response_len"])
 
 
+@pytest.mark.slow  # ~100 s of timeouts and a resume
 def test_a_dead_process_fails_the_run_fast_and_it_resumes(tmp_path):
     out = tmp_path / "run"
     entry = [sys.executable, os.path.join(ROOT, "tests", "multihost_helpers.py"), "1", "4"]

@@ -9,6 +9,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from gtpo_jax.config import Config
 from gtpo_jax.config_loader import load_config
@@ -27,6 +28,7 @@ def run_plan(tmp_path, *args):
     return proc, (json.loads(out.read_text()) if out.exists() else None)
 
 
+@pytest.mark.slow  # ~80 s AOT compile of a 1.7B model; the other plan tests stay
 def test_sdar_1_7b_on_8_devices_holds_its_share_of_params_and_adam_states(tmp_path):
     proc, result = run_plan(tmp_path, "--config", "configs/sft_tiny.yaml", "model.preset=sdar_1_7b",
                             "model.preset_overrides={}", "mesh.fsdp=8", "train.batch_size=8", "data.max_len=64")

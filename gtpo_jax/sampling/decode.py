@@ -6,6 +6,9 @@ filled part). A block that has just completed is clean and its keys/values must 
 in iterations where some sequence has such a block, the forward runs 2·B slots instead — the
 previous block, clean, in slots [0, B) (segment 0, invisible, for sequences that have nothing to
 write), then the current block — so the write costs no extra forward (LMDeploy spends one).
+Only the layers below the last differ in width: the last layer always takes the 2·B window (zero
+states in segment 0 when nothing is written), so it and the scoring are compiled once, not once
+per width.
 When all sequences advance in step (equal prompts, a static strategy) that is one iteration of
 B + 1 per block; sequences that drift apart make more iterations wide.
 
@@ -103,10 +106,11 @@ def _prefill(model: SDARModel, prompt, prompt_len, done, st: DecodeShape) -> _St
                   zero_b)
 
 
-def _window_forward(model: SDARModel, s: _State, st: DecodeShape, fused: bool, score: Callable):
-    """One forward of the current block (after the previous one, clean, when `fused`):
-    `score(final_hidden)` of its slots (`_score_masked`) and, when `fused`, the previous block's
-    keys and values in the cache layouts (zeros otherwise)."""
+def _block_prefix(model: SDARModel, s: _State, st: DecodeShape, fused: bool):
+    """All layers but the last over the current block, after the previous one (clean) when
+    `fused`: their states [b, 2B, hidden] (slots [0, B) zero when not fused) and these layers'
+    keys/values of the previous block in the cache layouts (zeros when not fused). The two
+    variants differ in width only here, so the last layer and the scoring are compiled once."""
     B, L, n_layers = st.block_size, st.cache_len, model.cfg.num_layers
     width = 2 * B if fused else B
     idx = (s.block - (1 if fused else 0))[:, None] * B + jnp.arange(width, dtype=jnp.int32)
@@ -116,23 +120,37 @@ def _window_forward(model: SDARModel, s: _State, st: DecodeShape, fused: bool, s
     if fused:
         seg = jnp.where(jnp.arange(width) < B, s.write_prev[:, None], True).astype(jnp.int32)
     layout = TokenLayout(seg, jnp.floor_divide(idx, B), jnp.zeros_like(idx))
+    x, kvs = model.run_layers(model.embed(tok), pos, layout, range(n_layers - 1), KVCache(s.k, s.v, s.cached * B),
+                              st.cache_tile)
+    if fused:
+        return x, tuple(kv.k[:, :B].transpose(0, 2, 3, 1) for kv in kvs), tuple(kv.v[:, :B].transpose(0, 2, 1, 3)
+                                                                                for kv in kvs)
+    prev_k = tuple(jnp.zeros(c.shape[:3] + (B,), c.dtype) for c in s.k[: n_layers - 1])
+    prev_v = tuple(jnp.zeros(c.shape[:2] + (B,) + c.shape[3:], c.dtype) for c in s.v[: n_layers - 1])
+    return jnp.pad(x, ((0, 0), (B, 0), (0, 0))), prev_k, prev_v
+
+
+def _window_forward(model: SDARModel, s: _State, st: DecodeShape, fused: jax.Array, score: Callable):
+    """One forward of the current block, after the previous one (clean) where `fused` [scalar
+    bool]: `score(final_hidden)` of its slots (`_score_masked`) and the previous block's keys and
+    values in the cache layouts (meaningful only for the sequences that write it). The window is
+    always 2·B slots for the last layer: without a write its first B slots are zero states in
+    segment 0, invisible, which only the last layer's keys/values pay for."""
+    B, L, n_layers = st.block_size, st.cache_len, model.cfg.num_layers
+    x, prev_k, prev_v = jax.lax.cond(fused, lambda s: _block_prefix(model, s, st, True),
+                                     lambda s: _block_prefix(model, s, st, False), s)
+    idx = (s.block - 1)[:, None] * B + jnp.arange(2 * B, dtype=jnp.int32)
+    pos = jnp.clip(idx, 0, L - 1)
+    seg = jnp.where(jnp.arange(2 * B) < B, (s.write_prev & fused)[:, None], True).astype(jnp.int32)
+    layout = TokenLayout(seg, jnp.floor_divide(idx, B), jnp.zeros_like(idx))
     cache = KVCache(s.k, s.v, s.cached * B)
-    x, kvs = model.run_layers(model.embed(tok), pos, layout, range(n_layers - 1), cache, st.cache_tile)
 
     def final_hidden(slots):  # block slots [b, w] -> their final states; the last layer asks for their queries only
-        h, last = model.run_layers(x, pos, layout, range(n_layers - 1, n_layers), cache, st.cache_tile,
-                                   rows=slots + (B if fused else 0))
+        h, last = model.run_layers(x, pos, layout, range(n_layers - 1, n_layers), cache, st.cache_tile, rows=slots + B)
         return model.norm(h), last
 
-    scores, last = score(final_hidden)
-    kvs = kvs + last
-    if fused:
-        prev_k = tuple(kv.k[:, :B].transpose(0, 2, 3, 1) for kv in kvs)
-        prev_v = tuple(kv.v[:, :B].transpose(0, 2, 1, 3) for kv in kvs)
-    else:
-        prev_k = tuple(jnp.zeros(c.shape[:3] + (B,), c.dtype) for c in s.k)
-        prev_v = tuple(jnp.zeros(c.shape[:2] + (B,) + c.shape[3:], c.dtype) for c in s.v)
-    return scores, prev_k, prev_v
+    scores, (last,) = score(final_hidden)
+    return scores, prev_k + (last.k[:, :B].transpose(0, 2, 3, 1),), prev_v + (last.v[:, :B].transpose(0, 2, 1, 3),)
 
 
 def _write_prev_block(s: _State, prev_k, prev_v, st: DecodeShape) -> _State:
@@ -206,10 +224,7 @@ def _decode_step(model: SDARModel, s: _State, prompt_len, limit, keys, knobs, st
     step = s.counter + 1
     score = functools.partial(_score_masked, model, masked=masked, keys=keys, step=step, suppress=suppress,
                               knobs=knobs, st=st)
-    (chosen, conf, raw), prev_k, prev_v = jax.lax.cond(
-        jnp.any(s.write_prev & active),
-        lambda s: _window_forward(model, s, st, True, score),
-        lambda s: _window_forward(model, s, st, False, score), s)
+    (chosen, conf, raw), prev_k, prev_v = _window_forward(model, s, st, jnp.any(s.write_prev & active), score)
     s = _write_prev_block(s, prev_k, prev_v, st)
     commit = select_slots(masked, conf, threshold, st.strategy, st.commit_k)
     new_tok = jnp.where(commit, chosen, cur_tok)
