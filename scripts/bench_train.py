@@ -22,6 +22,10 @@ kernel actually computes: tiles that no query of the tile can see are skipped at
 not counted; masked pairs inside a computed tile are counted. Recomputation in the backward
 (vocabulary chunks, attention scores) is counted: these are executed FLOPs, not model FLOPs.
 
+gtpo_jax's process runs as its trainer CLI does, with glibc's malloc on transparent huge pages
+(`gtpo_jax.cli.reexec_with_hugepage_malloc`); the reference as it is, or with the same malloc
+setting under `--ref-hugepages`.
+
 `--workload legacy` keeps the earlier comparison (SFT and GTPO, L/4 prompt, one token per forward,
 vocabulary 32 768). Each (implementation, length) runs in a fresh subprocess; peak RSS is that
 process's maximum, and a process that passes `--rss-cap-gb` is stopped and reported as such.
@@ -262,6 +266,9 @@ def run_torch(mode: str, length: int, steps: int, workload: dict) -> dict:
 
 
 def child(args) -> None:
+    if args.impl == "jax" or args.ref_hugepages:  # as `python -m gtpo_jax.train` runs: huge-page malloc
+        from gtpo_jax.cli import reexec_with_hugepage_malloc
+        reexec_with_hugepage_malloc()
     if args.rss_cap_gb:
         _rss_guard(args.rss_cap_gb)
     run = run_jax if args.impl == "jax" else run_torch
@@ -278,6 +285,7 @@ def run_child(impl: str, mode: str, length: int, args) -> dict:
         impl, env["PYTHONPATH"] = "jax", os.path.abspath(args.base_checkout)
     cmd = [sys.executable, __file__, "--impl", impl, "--mode", mode, "--length", str(length), "--steps",
            str(args.steps), "--workload", args.workload, "--rss-cap-gb", str(args.rss_cap_gb)]
+    cmd += ["--ref-hugepages"] if args.ref_hugepages else []
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
     if line:
@@ -296,6 +304,8 @@ def main() -> None:
     ap.add_argument("--base-checkout", help="impl 'base': a checkout whose gtpo_jax is timed as 'base'")
     ap.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step (0: peak memory only)")
     ap.add_argument("--rss-cap-gb", type=float, default=12.0, help="stop a process whose RSS passes this (0: none)")
+    ap.add_argument("--ref-hugepages", action="store_true",
+                    help="run the reference with glibc's huge-page malloc too (gtpo_jax's trainer always does)")
     ap.add_argument("--impl", choices=["jax", "torch"], help=argparse.SUPPRESS)
     ap.add_argument("--length", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()

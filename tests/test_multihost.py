@@ -51,6 +51,8 @@ def ok(result):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
+@pytest.mark.slow  # ~115 s (165 s beside another worker); tests/test_rollout_processes.py keeps two
+# processes under jax.distributed in the default suite
 def test_sft_two_processes_equal_one_and_checkpoints_cross_topologies(tmp_path):
     ref = tmp_path / "one"
     ok(run(1, ref, SFT + ["train.steps=4"]))

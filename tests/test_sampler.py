@@ -146,7 +146,9 @@ def config(**kw) -> SamplerConfig:
     return SamplerConfig(**base)
 
 
-@pytest.mark.parametrize("stop_ids", [STOP, ()], ids=["stops", "no_stops"])
+# without stop tokens: slow (~12 s each); the stop-free path stays in the default suite through
+# test_rescored_trajectory_matches_rollout_logprobs (static and sequential, stop_ids=())
+@pytest.mark.parametrize("stop_ids", [STOP, pytest.param((), marks=pytest.mark.slow)], ids=["stops", "no_stops"])
 @pytest.mark.parametrize("strategy", ["low_confidence_static", "low_confidence_dynamic", "sequential"])
 def test_greedy_matches_naive(model, prompts, strategy, stop_ids):
     cfg = config(strategy=strategy, stop_ids=stop_ids)
