@@ -85,16 +85,3 @@ def metrics_by_step(out_dir) -> dict[int, dict]:
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
-
-
-# The longest files (each runs on one xdist worker, --dist loadfile) start first, so that the
-# other worker works through the many short files meanwhile instead of waiting at the end.
-LONGEST_FILES_FIRST = ("test_gtpo_learns.py", "test_sampler.py", "test_gtpo_train.py", "test_logging.py")
-
-
-def pytest_collection_modifyitems(items):
-    def rank(item):
-        name = os.path.basename(str(item.fspath))
-        return LONGEST_FILES_FIRST.index(name) if name in LONGEST_FILES_FIRST else len(LONGEST_FILES_FIRST)
-
-    items.sort(key=rank)  # stable: the order inside each file and among the others is kept
