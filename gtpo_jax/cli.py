@@ -55,9 +55,26 @@ def hugepage_malloc_environ(environ, libc=None, thp_mode=None) -> dict | None:
     return {**environ, "GLIBC_TUNABLES": tunables}
 
 
+def started_as_module(name: str, argv: list[str] | None = None) -> bool:
+    """Whether this interpreter was started as `python [options] -m NAME ...` (sys.orig_argv)."""
+    argv = sys.orig_argv if argv is None else argv
+    i = 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "-m":
+            return i + 1 < len(argv) and argv[i + 1] == name
+        if arg.startswith("-m"):
+            return arg[2:] == name
+        if not arg.startswith("-") or arg.startswith("-c"):  # a script or code comes first
+            return False
+        i += 2 if arg in ("-X", "-W") else 1  # the options that take a separate value
+    return False
+
+
 def reexec_with_hugepage_malloc() -> None:
     """Restart this very command (same pid, arguments and streams) with `hugepage_malloc_environ`,
-    once; a no-op where it changes nothing. Call first thing in an entry point's main()."""
+    once; a no-op where it changes nothing. Called as early as possible (gtpo_jax/__init__.py for
+    `-m gtpo_jax.train`): everything imported before it is imported twice."""
     environ = hugepage_malloc_environ(os.environ)
     if environ is not None:
         sys.stdout.flush(), sys.stderr.flush()

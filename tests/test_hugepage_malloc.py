@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from gtpo_jax.cli import hugepage_malloc_environ
+from gtpo_jax.cli import hugepage_malloc_environ, started_as_module
 
 MADVISE = "always [madvise] never\n"
 GLIBC = ("glibc", "2.36")
@@ -41,3 +41,16 @@ def test_restart_keeps_arguments_and_a_users_setting():
     env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=0"
     out = subprocess.run([sys.executable, "-c", PROBE, "a"], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "glibc.malloc.hugetlb=0 ['a']"
+
+
+@pytest.mark.parametrize("argv, want", [
+    (["python", "-m", "gtpo_jax.train", "--config", "x.yaml"], True),
+    (["python", "-X", "faulthandler", "-u", "-m", "gtpo_jax.train"], True),
+    (["python", "-u", "-mgtpo_jax.train"], True),
+    (["python", "-m", "gtpo_jax.evaluate"], False),
+    (["python", "train.py", "-m", "gtpo_jax.train"], False),
+    (["python", "-c", "pass"], False),
+])
+def test_started_as_module(argv, want):
+    assert started_as_module("gtpo_jax.train", argv) is want
+
