@@ -106,20 +106,27 @@ def _prefill(model: SDARModel, prompt, prompt_len, done, st: DecodeShape) -> _St
                   zero_b)
 
 
+def _window_layout(s: _State, st: DecodeShape, writes: jax.Array | None):
+    """Positions [b, w] (clipped into the cache) and TokenLayout of a decode window: the current
+    block's B slots, after the previous block's B slots when `writes` [b] bool is given (those are
+    visible, segment 1, only for the sequences whose `writes` is set: segment 0 elsewhere)."""
+    B = st.block_size
+    width = B if writes is None else 2 * B
+    idx = (s.block - (width // B - 1))[:, None] * B + jnp.arange(width, dtype=jnp.int32)
+    seg = jnp.ones_like(idx)
+    if writes is not None:
+        seg = jnp.where(jnp.arange(width) < B, writes[:, None], True).astype(jnp.int32)
+    return jnp.clip(idx, 0, st.cache_len - 1), TokenLayout(seg, jnp.floor_divide(idx, B), jnp.zeros_like(idx))
+
+
 def _block_prefix(model: SDARModel, s: _State, st: DecodeShape, fused: bool):
     """All layers but the last over the current block, after the previous one (clean) when
     `fused`: their states [b, 2B, hidden] (slots [0, B) zero when not fused) and these layers'
     keys/values of the previous block in the cache layouts (zeros when not fused). The two
     variants differ in width only here, so the last layer and the scoring are compiled once."""
-    B, L, n_layers = st.block_size, st.cache_len, model.cfg.num_layers
-    width = 2 * B if fused else B
-    idx = (s.block - (1 if fused else 0))[:, None] * B + jnp.arange(width, dtype=jnp.int32)
-    pos = jnp.clip(idx, 0, L - 1)
+    B, n_layers = st.block_size, model.cfg.num_layers
+    pos, layout = _window_layout(s, st, s.write_prev if fused else None)
     tok = jnp.take_along_axis(s.tokens, pos, axis=1)
-    seg = jnp.ones_like(idx)
-    if fused:
-        seg = jnp.where(jnp.arange(width) < B, s.write_prev[:, None], True).astype(jnp.int32)
-    layout = TokenLayout(seg, jnp.floor_divide(idx, B), jnp.zeros_like(idx))
     x, kvs = model.run_layers(model.embed(tok), pos, layout, range(n_layers - 1), KVCache(s.k, s.v, s.cached * B),
                               st.cache_tile)
     if fused:
@@ -136,13 +143,10 @@ def _window_forward(model: SDARModel, s: _State, st: DecodeShape, fused: jax.Arr
     values in the cache layouts (meaningful only for the sequences that write it). The window is
     always 2·B slots for the last layer: without a write its first B slots are zero states in
     segment 0, invisible, which only the last layer's keys/values pay for."""
-    B, L, n_layers = st.block_size, st.cache_len, model.cfg.num_layers
+    B, n_layers = st.block_size, model.cfg.num_layers
     x, prev_k, prev_v = jax.lax.cond(fused, lambda s: _block_prefix(model, s, st, True),
                                      lambda s: _block_prefix(model, s, st, False), s)
-    idx = (s.block - 1)[:, None] * B + jnp.arange(2 * B, dtype=jnp.int32)
-    pos = jnp.clip(idx, 0, L - 1)
-    seg = jnp.where(jnp.arange(2 * B) < B, (s.write_prev & fused)[:, None], True).astype(jnp.int32)
-    layout = TokenLayout(seg, jnp.floor_divide(idx, B), jnp.zeros_like(idx))
+    pos, layout = _window_layout(s, st, s.write_prev & fused)
     cache = KVCache(s.k, s.v, s.cached * B)
 
     def final_hidden(slots):  # block slots [b, w] -> their final states; the last layer asks for their queries only
