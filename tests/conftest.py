@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 
@@ -12,6 +13,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Eight fake CPU devices for the sharding tests; must be set before jax is imported.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+
+def pytest_configure(config):
+    """In the xdist controller (or a single process), before any worker collects: import yapf once.
+
+    LMDeploy imports mmengine, which imports yapf, whose first import writes its grammar pickles to
+    ~/.cache/YAPF. Two workers collecting tests/test_lmdeploy_bridge.py on a fresh machine raced on
+    that file (one read it half-written: EOFError, a CI failure), so it is written here, once, first.
+    """
+    if hasattr(config, "workerinput"):
+        return
+    try:
+        importlib.import_module("yapf")
+    except ImportError:  # no yapf (LMDeploy's CPU sources not installed): nothing to race on
+        pass
 
 
 def tiny_hf_config(tie: bool = True, vocab_size: int = 160, **overrides) -> dict:
