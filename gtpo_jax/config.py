@@ -150,6 +150,9 @@ class GTPOSection:
     num_response_per_task: int = 8  # rollouts per prompt (a group; advantages are normalised within it)
     oversample: int = 3  # dynamic sampling draws oversample × (groups still missing) prompts per round
     dynamic_sampling: bool = True  # keep only groups whose accuracy is strictly between 0 and 1 (DAPO)
+    # accuracy: SPEC 5.2's rule above. reward (a proposal outside SPEC): also keep groups of accuracy 0 or 1
+    # whose rewards differ, e.g. all-right groups whose answers decode at different speeds (speed reward).
+    dynamic_sampling_keep: Literal["accuracy", "reward"] = "accuracy"
     shuffle: bool = True  # prompts in a seeded per-epoch shuffle (data.shuffle_seed); false: file order
     max_rounds: int = 8  # dynamic-sampling rounds per step, then train on what was kept (with a warning)
     eps_low: float = 0.2  # ratio clip: lower bound 1 - eps_low

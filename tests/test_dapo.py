@@ -38,6 +38,16 @@ def test_counts_and_trimming():
     assert cursor.position == 15
 
 
+def test_keep_varied_keeps_uniform_accuracy_groups_it_accepts():
+    # gtpo.dynamic_sampling_keep=reward: all-right prompts 0 and 8 have differing rewards, 4 and 12 not
+    cursor = ListCursor(list(range(100)))
+    result = dynamic_sample(cursor.draw, list, accuracy, num_groups=20, oversample=1,
+                            rng=np.random.default_rng(0), max_rounds=1, keep_varied=lambda p: p % 8 == 0)
+    c = result.counts
+    assert result.groups == [0, 2, 3, 6, 7, 8, 10, 11, 14, 15, 16, 18, 19]
+    assert (c.kept, c.kept_uniform_accuracy, c.all_right, c.all_wrong) == (13, 3, 2, 5)
+
+
 def test_several_rounds_until_enough():
     cursor = ListCursor(list(range(100)))
     result = run(cursor, num_groups=8, oversample=1)

@@ -46,6 +46,10 @@ class ScoredGroup:
         return float(self.correct.mean())
 
 
+def _rewards_differ(group: ScoredGroup) -> bool:
+    return bool(np.ptp(group.rewards) > 0)
+
+
 def run_gtpo(cfg: Config) -> dict:
     import_reward_modules(cfg.gtpo.reward_modules)
     session = TrainingSession(cfg, make_data=lambda s: RLPromptSource.from_files(
@@ -77,6 +81,7 @@ def _train(session, cfg: Config) -> dict:
             sampled = dynamic_sample(
                 prompts.draw, scorer, lambda grp: grp.accuracy, num_groups=g.num_task_per_step,
                 oversample=g.oversample, rng=rng, enabled=g.dynamic_sampling, max_rounds=g.max_rounds,
+                keep_varied=_rewards_differ if g.dynamic_sampling_keep == "reward" else None,
             )
             # The policy's performance is measured on everything it generated this step; the
             # kept groups (0 < accuracy < 1) would bias it towards 50%.
