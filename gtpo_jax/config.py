@@ -109,6 +109,9 @@ class TrainSection:
     max_bad_steps: int = 3  # consecutive non-finite steps before stopping
     log_every: int = 1  # print a step line every N steps (metrics.jsonl gets every step)
     vocab_chunk: int = 256  # vocabulary projection chunk: target slots are projected this many at a time
+    # The update's forward keeps its [targets, vocab] fp32 logits for the backward (one matmul of
+    # 2·targets·hidden·vocab fewer) when they fit in this many MB per micro-batch; 0 = always recompute
+    vocab_saved_logits_mb: int = 1024
     wandb_project: Optional[str] = None  # Weights & Biases project to log to as well (extra `wandb`); null = off
 
 

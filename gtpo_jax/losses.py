@@ -13,11 +13,12 @@ import jax.numpy as jnp
 from gtpo_jax.model import SDARModel, TokenLayout, vocab_logprobs
 
 
-def target_logprobs(model: SDARModel, batch: dict, *, vocab_chunk: int = 256) -> jax.Array:
+def target_logprobs(model: SDARModel, batch: dict, *, vocab_chunk: int = 256, saved_logits_mb: float = 0) -> jax.Array:
     """log p(target_token | its state) for every entry of batch["target_index"] -> float32 [T].
 
     `batch` holds the arrays of `gtpo_jax.layout.PackedBatch.model_inputs()`; T must be a
-    multiple of `vocab_chunk` (pack() pads target lists to such multiples).
+    multiple of `vocab_chunk` (pack() pads target lists to such multiples). The backward reuses
+    the forward's logits when they fit in `saved_logits_mb` MB (else recomputes them).
     """
     layout = TokenLayout(batch["segment"], batch["block"], batch["copy"])
     hidden, _ = model(batch["tokens"], batch["positions"], layout)
@@ -25,7 +26,7 @@ def target_logprobs(model: SDARModel, batch: dict, *, vocab_chunk: int = 256) ->
     target_hidden = jnp.take(flat, batch["target_index"], axis=0)
     n = target_hidden.shape[0]
     return vocab_logprobs.target_logprobs(target_hidden, model.head_weight(), batch["target_token"],
-                                          chunk=min(vocab_chunk, n))
+                                          chunk=min(vocab_chunk, n), save_logits_mb=saved_logits_mb)
 
 
 def gtpo_token_terms(

@@ -34,6 +34,7 @@ from gtpo_jax.layout import gtpo_row_len
 from gtpo_jax.model.config import ModelConfig
 from gtpo_jax.model.params import expected_hf_names, hf_shape
 from gtpo_jax.model.presets import HF_PRESETS
+from gtpo_jax.model.vocab_logprobs import saved_logits_bytes
 from gtpo_jax.rounding import round_up
 
 GIB = 2**30
@@ -72,8 +73,12 @@ def activation_estimate(cfg: Config, model_cfg: ModelConfig) -> int:
     layer_working = tokens * (m.hidden_size * 2 + 2 * q + 2 * kv + 3 * m.intermediate_size) * act
     saved = tokens * m.hidden_size * act if cfg.model.remat == "full" else layer_working
     logits = cfg.train.vocab_chunk * m.vocab_size * 4 * 3  # a chunk of fp32 logits, softmax and its gradient
+    # one row's targets: the response (GTPO) or at most the sample (SFT); kept when they fit the budget
+    targets = cfg.decoding.max_new_tokens if cfg.stage == "gtpo" else cfg.data.max_len
+    kept = saved_logits_bytes(targets, m.vocab_size)
+    kept_logits = kept if kept <= cfg.train.vocab_saved_logits_mb * 2**20 else 0
     layer_weights = 2 * (param_count(model_cfg) // max(m.num_layers, 1)) * act  # one gathered layer (+ prefetch)
-    return m.num_layers * saved + layer_working + logits + layer_weights
+    return m.num_layers * saved + layer_working + logits + kept_logits + layer_weights
 
 
 @dataclasses.dataclass

@@ -179,11 +179,12 @@ def plan_update_step(cfg: Config, graphdef, params, mesh, shape: StepShape, mode
     opt_state = jax.tree.map(lambda s, sh: _sds(s.shape, s.dtype, sh), jax.eval_shape(tx.init, params),
                              optimizer_shardings(tx, params, mesh))  # as TrainingSession places them
     if cfg.stage == "sft":
-        loss_fn, extra = sft_loss_fn(cfg.train.vocab_chunk), ("weight",)
+        loss_fn, extra = sft_loss_fn(cfg.train.vocab_chunk, cfg.train.vocab_saved_logits_mb), ("weight",)
     else:
         g = cfg.gtpo
         loss_fn = gtpo_loss_fn(eps_low=g.eps_low, eps_high=g.eps_high, beta=g.beta, use_old_logprobs=g.num_iterations > 1,
-                               tis_cap=g.tis_cap, vocab_chunk=cfg.train.vocab_chunk)
+                               tis_cap=g.tis_cap, vocab_chunk=cfg.train.vocab_chunk,
+                               saved_logits_mb=cfg.train.vocab_saved_logits_mb)
         extra = ("weight", "advantage", "old_logprob", "ref_logprob", "rollout_logprob")
     batch = abstract_batch(shape, mesh, extra)
     step = make_update_step(graphdef, tx, loss_fn)

@@ -29,7 +29,8 @@ from gtpo_jax.trainers.session import TrainingSession
 def measure(session, cfg, repeats: int, steps: int) -> list[dict]:
     g = cfg.gtpo
     session.compile_step(gtpo_loss_fn(eps_low=g.eps_low, eps_high=g.eps_high, beta=0.0, use_old_logprobs=False,
-                                      tis_cap=0.0, vocab_chunk=cfg.train.vocab_chunk))
+                                      tis_cap=0.0, vocab_chunk=cfg.train.vocab_chunk,
+                                      saved_logits_mb=cfg.train.vocab_saved_logits_mb))
     backend = rollout_backend(session, cfg)
     rows = []
     for step in range(steps):

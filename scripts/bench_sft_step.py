@@ -47,7 +47,7 @@ def main() -> None:
     cfg = load_config(Config, args.config, [f"output_dir={out_dir}", "eval.enabled=false",
                                             "checkpoint.save_every=100000", *args.overrides])
     session = TrainingSession(cfg, make_data=TrainingSession.sft_data)
-    session.compile_step(sft_loss_fn(cfg.train.vocab_chunk))
+    session.compile_step(sft_loss_fn(cfg.train.vocab_chunk, cfg.train.vocab_saved_logits_mb))
     batches = session.data.batches(cfg.train.batch_size)
     host, data = np.zeros(2), np.zeros(2)
     built = []

@@ -145,6 +145,10 @@ def build_jax_step(mode: str, length: int, workload: dict):
     vocab, chunk, tile = workload["vocab"], 512, cfg.model.attn_q_tile  # the config's attention tile
     cfg.block_size = B
     cfg.train.vocab_chunk = chunk
+    if workload.get("saved_logits_mb") is not None:
+        cfg.train.vocab_saved_logits_mb = workload["saved_logits_mb"]
+    # the config's setting; a --base-checkout older than the setting gets no such argument
+    saved = {"saved_logits_mb": cfg.train.vocab_saved_logits_mb} if hasattr(cfg.train, "vocab_saved_logits_mb") else {}
     model = init_model(ModelConfig.tiny(vocab_size=vocab, tie_word_embeddings=False, **MODEL, attn_q_tile=tile,
                                         attn_kv_tile=cfg.model.attn_kv_tile), seed=0)
     graphdef, params = nnx.split(model)
@@ -157,14 +161,14 @@ def build_jax_step(mode: str, length: int, workload: dict):
         layouts = sft_layouts([(prompt, response)], cfg, ids, step=0)
         cfg.train.row_len = -(-layouts[0].length // 512) * 512
         batch, _ = build_sft_batch(layouts, cfg)
-        loss_fn = sft_loss_fn(chunk)
+        loss_fn = sft_loss_fn(chunk, **saved)
     else:
         rollout = Rollout(prompt, response, step_map, logprobs=None, advantage=1.0)
         need = trajectory_layout(prompt, response, step_map, block_size=B, mask_id=MASK).length
         batch = build_gtpo_batch([rollout], block_size=B, mask_id=MASK, shrink=1, loss_norm="round_mean",
                                  micro_batches=1, row_len=-(-need // 512) * 512, vocab_chunk=chunk).arrays
         loss_fn = gtpo_loss_fn(eps_low=0.2, eps_high=0.28, beta=0.0, use_old_logprobs=False, tis_cap=0.0,
-                               vocab_chunk=chunk)
+                               vocab_chunk=chunk, **saved)
     step = jax.jit(make_update_step(graphdef, tx, loss_fn), donate_argnums=(0, 1))
     return step, params, opt_state, batch, response, tile
 
@@ -272,7 +276,7 @@ def child(args) -> None:
     if args.rss_cap_gb:
         _rss_guard(args.rss_cap_gb)
     run = run_jax if args.impl == "jax" else run_torch
-    result = run(args.mode, args.length, args.steps, WORKLOADS[args.workload])
+    result = run(args.mode, args.length, args.steps, dict(WORKLOADS[args.workload], saved_logits_mb=args.saved_logits_mb))
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -286,6 +290,7 @@ def run_child(impl: str, mode: str, length: int, args) -> dict:
     cmd = [sys.executable, __file__, "--impl", impl, "--mode", mode, "--length", str(length), "--steps",
            str(args.steps), "--workload", args.workload, "--rss-cap-gb", str(args.rss_cap_gb)]
     cmd += ["--ref-hugepages"] if args.ref_hugepages else []
+    cmd += ["--saved-logits-mb", str(args.saved_logits_mb)] if args.saved_logits_mb is not None else []
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
     if line:
@@ -306,6 +311,8 @@ def main() -> None:
     ap.add_argument("--rss-cap-gb", type=float, default=12.0, help="stop a process whose RSS passes this (0: none)")
     ap.add_argument("--ref-hugepages", action="store_true",
                     help="run the reference with glibc's huge-page malloc too (gtpo_jax's trainer always does)")
+    ap.add_argument("--saved-logits-mb", type=int, default=None,
+                    help="gtpo_jax's train.vocab_saved_logits_mb (default: the config's; 0: the backward recomputes the logits)")
     ap.add_argument("--impl", choices=["jax", "torch"], help=argparse.SUPPRESS)
     ap.add_argument("--length", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()

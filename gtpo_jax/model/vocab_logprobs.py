@@ -3,8 +3,10 @@
 The projection runs over (target chunk × vocabulary tile) blocks: the forward keeps an online
 max / sum of exponentials per target across the vocabulary tiles (as flash attention does across
 keys), so each block of logits is reduced while it is still in cache; the picked logit is a
-gathered dot product h · W[:, token]. A custom VJP saves only the log-normaliser per target and
-recomputes each block once in the backward, where it yields both the hidden-state gradient (carried
+gathered dot product h · W[:, token]. A custom VJP saves the log-normaliser per target and
+either recomputes each block once in the backward or, when the caller can afford the memory
+(`save_logits`), reads the logits the forward stored: one [targets, vocab] matmul fewer, a
+quarter of the projection's FLOPs. Each block yields both the hidden-state gradient (carried
 per target chunk) and that tile's head gradient (accumulated in place), and the one-hot term of
 the softmax gradient is added as a gather / scatter of T rows instead of a [targets, vocab] scatter.
 Everything accumulates in float32: results match a dense log_softmax to fp32 round-off.
@@ -46,8 +48,10 @@ def _picked(hidden, head, tokens):
     return jnp.einsum("td,dt->t", hidden, columns, preferred_element_type=jnp.float32)
 
 
-def _log_normalisers(hidden, head, chunk, tile):
-    """logsumexp over the vocabulary of h · W for every row of hidden [T, d] -> float32 [T]."""
+def _log_normalisers(hidden, head, chunk, tile, keep_logits=False):
+    """logsumexp over the vocabulary of h · W for every row of hidden [T, d] -> float32 [T], and
+    with keep_logits every (chunk, tile) block of logits, float32 [T / chunk, tiles, chunk, tile]
+    (masked columns included as -inf), else None."""
     starts, bias = _tile_starts(head.shape[1], tile)
     t, d = hidden.shape
 
@@ -59,50 +63,52 @@ def _log_normalisers(hidden, head, chunk, tile):
             logits = jnp.einsum("td,dv->tv", h, w, preferred_element_type=jnp.float32) + b
             m_new = jnp.maximum(m, logits.max(-1))
             s = s * jnp.exp(m - m_new) + jnp.exp(logits - m_new[:, None]).sum(-1)
-            return (m_new, s), None
+            return (m_new, s), logits if keep_logits else None
 
         init = (jnp.full((chunk,), -jnp.inf, jnp.float32), jnp.zeros((chunk,), jnp.float32))
-        (m, s), _ = jax.lax.scan(step, init, (starts, bias))
-        return m + jnp.log(s)
+        (m, s), blocks = jax.lax.scan(step, init, (starts, bias))
+        return m + jnp.log(s), blocks
 
-    return jax.lax.map(one_chunk, hidden.reshape(t // chunk, chunk, d)).reshape(t)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _target_logprobs(hidden, head, tokens, chunk, tile):
-    return _picked(hidden, head, tokens) - _log_normalisers(hidden, head, chunk, tile)
+    lse, blocks = jax.lax.map(one_chunk, hidden.reshape(t // chunk, chunk, d))
+    return lse.reshape(t), blocks
 
 
-def _fwd(hidden, head, tokens, chunk, tile):
-    lse = _log_normalisers(hidden, head, chunk, tile)
-    return _picked(hidden, head, tokens) - lse, (hidden, head, tokens, lse)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _target_logprobs(hidden, head, tokens, chunk, tile, save_logits):
+    return _picked(hidden, head, tokens) - _log_normalisers(hidden, head, chunk, tile)[0]
 
 
-def _bwd(chunk, tile, res, g):
-    hidden, head, tokens, lse = res
+def _fwd(hidden, head, tokens, chunk, tile, save_logits):
+    lse, blocks = _log_normalisers(hidden, head, chunk, tile, keep_logits=save_logits)
+    return _picked(hidden, head, tokens) - lse, (hidden, head, tokens, lse, blocks)
+
+
+def _bwd(chunk, tile, save_logits, res, g):
+    hidden, head, tokens, lse, saved = res
     t, d = hidden.shape
     starts, bias = _tile_starts(head.shape[1], tile)
     g = g.astype(jnp.float32)
 
     def one_chunk(d_head, xs):
-        h, lse_c, g_c = xs
+        h, lse_c, g_c, saved_c = xs
 
         def step(carry, xs):
             dh, d_head = carry
-            start, b = xs
+            start, b, logits = xs
             w = _window(head, start, tile, h.dtype)
-            logits = jnp.einsum("td,dv->tv", h, w, preferred_element_type=jnp.float32) + b
+            if logits is None:  # not saved by the forward: recompute this block
+                logits = jnp.einsum("td,dv->tv", h, w, preferred_element_type=jnp.float32) + b
             # d(-lse)/d logits, times the incoming gradient: -g · softmax (0 on masked columns)
             grad = -g_c[:, None] * jnp.exp(logits - lse_c[:, None])
             dh = dh + jnp.einsum("tv,dv->td", grad, w.astype(jnp.float32))
             window = _window(d_head, start, tile, jnp.float32) + jnp.einsum("td,tv->dv", h.astype(jnp.float32), grad)
             return (dh, jax.lax.dynamic_update_slice_in_dim(d_head, window, start, axis=1)), None
 
-        (dh, d_head), _ = jax.lax.scan(step, (jnp.zeros((chunk, d), jnp.float32), d_head), (starts, bias))
+        (dh, d_head), _ = jax.lax.scan(step, (jnp.zeros((chunk, d), jnp.float32), d_head), (starts, bias, saved_c))
         return d_head, dh
 
     n = t // chunk
-    xs = (hidden.reshape(n, chunk, d), lse.reshape(n, chunk), g.reshape(n, chunk))
+    xs = (hidden.reshape(n, chunk, d), lse.reshape(n, chunk), g.reshape(n, chunk), saved)
     d_head, dh = jax.lax.scan(one_chunk, jnp.zeros(head.shape, jnp.float32), xs)
     # d(picked): g_t · W[:, token_t] into dh, g_t · h_t into column token_t of the head gradient
     dh = dh.reshape(t, d) + g[:, None] * jnp.take(head, tokens, axis=1).T.astype(jnp.float32)
@@ -113,12 +119,22 @@ def _bwd(chunk, tile, res, g):
 _target_logprobs.defvjp(_fwd, _bwd)
 
 
+def saved_logits_bytes(targets: int, vocab: int, tile: int = VOCAB_TILE) -> int:
+    """Bytes of the float32 logits the forward keeps for the backward with save_logits."""
+    tile = min(tile, vocab)
+    return targets * -(-vocab // tile) * tile * 4
+
+
 def target_logprobs(hidden: jax.Array, head: jax.Array, tokens: jax.Array, *, chunk: int,
-                    tile: int = VOCAB_TILE) -> jax.Array:
+                    tile: int = VOCAB_TILE, save_logits_mb: float = 0) -> jax.Array:
     """log softmax(hidden @ head)[tokens], float32 [T], for hidden [T, d], head [d, vocab],
     tokens int [T]; T must be a multiple of `chunk` (targets per block), `tile` is the
-    vocabulary tile (the vocabulary is zero-padded to a multiple of it, padding masked)."""
+    vocabulary tile (the last tile overlaps the previous one, its repeated columns masked).
+    The forward keeps its logits for the backward when they take at most `save_logits_mb` MB
+    (saved_logits_bytes), else the backward recomputes them; the results are the same."""
     t = hidden.shape[0]
     if t % chunk:
         raise ValueError(f"number of target slots {t} is not a multiple of the chunk size {chunk}")
-    return _target_logprobs(hidden, head, tokens, chunk, min(tile, head.shape[1]))
+    tile = min(tile, head.shape[1])
+    save = saved_logits_bytes(t, head.shape[1], tile) <= save_logits_mb * 2**20
+    return _target_logprobs(hidden, head, tokens, chunk, tile, save)

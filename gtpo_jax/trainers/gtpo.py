@@ -63,7 +63,8 @@ def _train(session, cfg: Config) -> dict:
     prompts = session.data
     session.compile_step(gtpo_loss_fn(eps_low=g.eps_low, eps_high=g.eps_high, beta=g.beta,
                                       use_old_logprobs=g.num_iterations > 1, tis_cap=g.tis_cap,
-                                      vocab_chunk=cfg.train.vocab_chunk, tis_from_exact_old=g.shrink > 1))
+                                      vocab_chunk=cfg.train.vocab_chunk, tis_from_exact_old=g.shrink > 1,
+                                      saved_logits_mb=cfg.train.vocab_saved_logits_mb))
     start = session.restore_or_init()
     prompts.set_state(session.extra_state.get("prompt_cursor", prompts.get_state()))
     reference = _reference_params(session, start) if g.beta > 0 else None

@@ -113,6 +113,7 @@ def gtpo_loss_fn(
     tis_cap: float,
     vocab_chunk: int,
     tis_from_exact_old: bool = False,
+    saved_logits_mb: float = 0,
 ):
     """loss_fn(model, micro_batch) -> (weighted loss, metric sums) for `make_update_step`.
 
@@ -122,7 +123,7 @@ def gtpo_loss_fn(
     exact (shrink 1), else `exact_old_logprob` (tis_from_exact_old)."""
 
     def loss_fn(model, mb):
-        logprobs = target_logprobs(model, mb, vocab_chunk=vocab_chunk)
+        logprobs = target_logprobs(model, mb, vocab_chunk=vocab_chunk, saved_logits_mb=saved_logits_mb)
         valid = mb["target_valid"]
         old = mb["old_logprob"] if use_old_logprobs else jax.lax.stop_gradient(logprobs)
         tis = None

@@ -22,13 +22,13 @@ from gtpo_jax.trainers.session import TrainingSession
 log = logging.getLogger("gtpo_jax")
 
 
-def sft_loss_fn(vocab_chunk: int):
+def sft_loss_fn(vocab_chunk: int, saved_logits_mb: float = 0):
     """Σ −w_t·l_t over valid targets. With w_t = 1 / (targets of t's sample · samples with targets)
     this is the mean over samples of each sample's mean NLL (docs/algorithm.md §4); the weights are
     global so that micro-batches add up to the full-batch loss."""
 
     def loss_fn(model, mb):
-        logprobs = target_logprobs(model, mb, vocab_chunk=vocab_chunk)
+        logprobs = target_logprobs(model, mb, vocab_chunk=vocab_chunk, saved_logits_mb=saved_logits_mb)
         valid = mb["target_valid"]
         loss = -(jnp.where(valid, mb["weight"] * logprobs, 0.0)).sum()
         aux = {
@@ -115,7 +115,7 @@ def run_sft(cfg: Config) -> dict:
 
 def _train(session, cfg: Config) -> dict:
     data = session.data
-    loss_fn = sft_loss_fn(cfg.train.vocab_chunk)
+    loss_fn = sft_loss_fn(cfg.train.vocab_chunk, cfg.train.vocab_saved_logits_mb)
     session.compile_step(loss_fn)
     start = session.restore_or_init(data_state_setter=data.set_state)
     session.evaluate_if_due(start, force=start == 0, label="before")
