@@ -41,6 +41,16 @@ def train(config: str, log_path: str, *overrides: str) -> tuple[dict, float]:
     return json.loads(line.split(": ", 1)[1]), time.time() - t0
 
 
+def earlier_sft(root: str, seed: int) -> tuple[str, dict, float]:
+    """(SFT run directory, held-out before / after, wall seconds) of `seed` in an earlier --out."""
+    with open(os.path.join(root, "results.json")) as f:
+        row = next((r for r in json.load(f) if r["run"].endswith(f" seed {seed}")), None)
+    sft_dir = os.path.join(root, f"seed{seed}", "sft")
+    if row is None or not os.path.isdir(os.path.join(sft_dir, "checkpoints")):
+        raise SystemExit(f"--sft-root {root}: no SFT run of seed {seed} there; train it (drop --sft-root)")
+    return sft_dir, {"before": row["sft_before"], "after": row["sft_after"]}, row["sft_wall_s"]
+
+
 def edges(rows: list[dict], key: str) -> tuple[float, float]:
     """Mean of `key` over the first and the last EDGE steps that logged it."""
     values = [r[key] for r in sorted(rows, key=lambda r: r["step"]) if isinstance(r.get(key), (int, float))]
@@ -82,6 +92,8 @@ def main() -> None:
     ap.add_argument("--out", default="runs/seeds")
     ap.add_argument("--skip-speed", action="store_true", help="only the accuracy-reward GTPO run")
     ap.add_argument("--sft-from", help="an SFT run directory to start every seed's GTPO runs from (no SFT per seed)")
+    ap.add_argument("--sft-root", help="an earlier --out of this script: reuse its seed<N>/sft runs (and their "
+                                       "results.json's SFT numbers) instead of training SFT again")
     args = ap.parse_args()
     out = os.path.abspath(args.out)
     results = []
@@ -90,6 +102,9 @@ def main() -> None:
         os.makedirs(base, exist_ok=True)
         if args.sft_from:  # one SFT run shared by every seed's GTPO runs
             sft_dir, sft, sft_wall = args.sft_from, {"before": float("nan"), "after": float("nan")}, float("nan")
+        elif args.sft_root:  # each seed's own SFT run, from an earlier run of this script
+            sft_dir, sft, sft_wall = earlier_sft(os.path.abspath(args.sft_root), seed)
+            print(f"seed {seed}: SFT reused from {sft_dir}: held-out {sft}", flush=True)
         else:
             sft_dir = os.path.join(base, "sft")
             sft, sft_wall = train("configs/sft_tiny.yaml", os.path.join(base, "sft.log"), f"output_dir={sft_dir}",
@@ -111,7 +126,8 @@ def main() -> None:
     table = summary_table(results)
     if not args.sft_from:
         sft_runs = sorted({(r["run"].split(" ")[-1], r["sft_wall_s"], r["sft_before"], r["sft_after"]) for r in results})
-        table += "\n" + "\n".join(f"SFT seed {s}: held-out {b:.1f}% -> {a:.1f}% in {w:.0f} s"
+        reused = f" (reused from {args.sft_root})" if args.sft_root else ""
+        table += "\n" + "\n".join(f"SFT seed {s}: held-out {b:.1f}% -> {a:.1f}% in {w:.0f} s{reused}"
                                    for s, w, b, a in sft_runs) + "\n"
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(table)
