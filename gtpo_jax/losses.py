@@ -26,7 +26,7 @@ def target_logprobs(model: SDARModel, batch: dict, *, vocab_chunk: int = 256, sa
     target_hidden = jnp.take(flat, batch["target_index"], axis=0)
     n = target_hidden.shape[0]
     return vocab_logprobs.target_logprobs(target_hidden, model.head_weight(), batch["target_token"],
-                                          chunk=min(vocab_chunk, n), save_logits_mb=saved_logits_mb)
+                                          chunk=min(vocab_chunk, n), saved_logits_mb=saved_logits_mb)
 
 
 def gtpo_token_terms(

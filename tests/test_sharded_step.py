@@ -13,7 +13,7 @@ from gtpo_jax.trainers.common import make_optimizer, make_update_step
 from gtpo_jax.trainers.sft import build_sft_batch, sft_layouts, sft_loss_fn
 
 
-def one_step(mesh=None):
+def one_step(mesh=None, saved_logits_mb=0):
     cfg = Config(stage="sft", block_size=4)
     cfg.data.synthetic = True
     cfg.data.max_len = 24
@@ -31,15 +31,16 @@ def one_step(mesh=None):
         batch = shard_micro_batches(batch, mesh)
     graphdef, params = nnx.split(model)
     tx, _ = make_optimizer(cfg.optim, 10)
-    step = jax.jit(make_update_step(graphdef, tx, sft_loss_fn(32)))
+    step = jax.jit(make_update_step(graphdef, tx, sft_loss_fn(32, saved_logits_mb)))
     params, _, metrics = step(params, tx.init(params), batch)
     return jax.tree.map(np.asarray, params), jax.tree.map(np.asarray, metrics)
 
 
-@pytest.mark.parametrize("fsdp,tensor", [(4, 2), (8, 1)])
-def test_sharded_step_equals_single_device(fsdp, tensor):
+# One mesh with the vocabulary logits saved for the backward (train.vocab_saved_logits_mb), one recomputing them.
+@pytest.mark.parametrize("fsdp,tensor,saved_logits_mb", [(4, 2, 1024), (8, 1, 0)])
+def test_sharded_step_equals_single_device(fsdp, tensor, saved_logits_mb):
     params, metrics = one_step()
-    s_params, s_metrics = one_step(build_mesh(MeshConfig(data=1, fsdp=fsdp, tensor=tensor)))
+    s_params, s_metrics = one_step(build_mesh(MeshConfig(data=1, fsdp=fsdp, tensor=tensor)), saved_logits_mb)
     np.testing.assert_allclose(s_metrics["loss"], metrics["loss"], atol=1e-5, rtol=0)
     np.testing.assert_allclose(s_metrics["grad_norm"], metrics["grad_norm"], atol=1e-5, rtol=0)
     for a, b in zip(jax.tree.leaves(s_params), jax.tree.leaves(params)):

@@ -13,9 +13,9 @@ def _dense(hidden, head, tokens):
     return jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
 
 
-@pytest.mark.parametrize("save_logits_mb", [0, 1], ids=["recomputed", "saved"])
+@pytest.mark.parametrize("saved_logits_mb", [0, 1], ids=["recomputed", "saved"])
 @pytest.mark.parametrize("vocab, tile, chunk", [(1000, 128, 16), (1000, 1000, 48), (96, 256, 8)])
-def test_matches_dense_log_softmax(vocab, tile, chunk, save_logits_mb):
+def test_matches_dense_log_softmax(vocab, tile, chunk, saved_logits_mb):
     # 1 MB holds these logits (48 x 1024 x 4 B = 0.19 MB): the backward reads the forward's.
     k = jax.random.split(jax.random.PRNGKey(0), 4)
     t, d = 48, 32
@@ -25,14 +25,14 @@ def test_matches_dense_log_softmax(vocab, tile, chunk, save_logits_mb):
     weights = jax.random.normal(k[3], (t,))
 
     tiled = vocab_logprobs.target_logprobs(hidden, head, tokens, chunk=chunk, tile=tile,
-                                           save_logits_mb=save_logits_mb)
+                                           saved_logits_mb=saved_logits_mb)
     np.testing.assert_allclose(tiled, _dense(hidden, head, tokens), rtol=1e-6, atol=2e-6)
 
     def objective(fn):
         return lambda h, w: (weights * fn(h, w)).sum()
 
     got = jax.grad(objective(lambda h, w: vocab_logprobs.target_logprobs(
-        h, w, tokens, chunk=chunk, tile=tile, save_logits_mb=save_logits_mb)), (0, 1))(hidden, head)
+        h, w, tokens, chunk=chunk, tile=tile, saved_logits_mb=saved_logits_mb)), (0, 1))(hidden, head)
     want = jax.grad(objective(lambda h, w: _dense(h, w, tokens)), (0, 1))(hidden, head)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * float(jnp.abs(w).max()))
@@ -49,9 +49,9 @@ def test_saved_logits_skip_the_backward_recompute():
     t, d, vocab = 64, 16, 512
     args = (jnp.ones((t, d)), jnp.ones((d, vocab)), jnp.zeros(t, jnp.int32))
 
-    def dots(save_logits_mb):
+    def dots(saved_logits_mb):
         grad = jax.grad(lambda h, w, tok: vocab_logprobs.target_logprobs(
-            h, w, tok, chunk=t, tile=vocab, save_logits_mb=save_logits_mb).sum(), (0, 1))
+            h, w, tok, chunk=t, tile=vocab, saved_logits_mb=saved_logits_mb).sum(), (0, 1))
         hlo = jax.jit(grad).lower(*args).as_text()
         return sum(f"-> tensor<{t}x{vocab}xf32>" in line for line in hlo.splitlines() if "dot_general" in line)
 

@@ -126,15 +126,15 @@ def saved_logits_bytes(targets: int, vocab: int, tile: int = VOCAB_TILE) -> int:
 
 
 def target_logprobs(hidden: jax.Array, head: jax.Array, tokens: jax.Array, *, chunk: int,
-                    tile: int = VOCAB_TILE, save_logits_mb: float = 0) -> jax.Array:
+                    tile: int = VOCAB_TILE, saved_logits_mb: float = 0) -> jax.Array:
     """log softmax(hidden @ head)[tokens], float32 [T], for hidden [T, d], head [d, vocab],
     tokens int [T]; T must be a multiple of `chunk` (targets per block), `tile` is the
     vocabulary tile (the last tile overlaps the previous one, its repeated columns masked).
-    The forward keeps its logits for the backward when they take at most `save_logits_mb` MB
+    The forward keeps its logits for the backward when they take at most `saved_logits_mb` MB
     (saved_logits_bytes), else the backward recomputes them; the results are the same."""
     t = hidden.shape[0]
     if t % chunk:
         raise ValueError(f"number of target slots {t} is not a multiple of the chunk size {chunk}")
     tile = min(tile, head.shape[1])
-    save = saved_logits_bytes(t, head.shape[1], tile) <= save_logits_mb * 2**20
+    save = saved_logits_bytes(t, head.shape[1], tile) <= saved_logits_mb * 2**20
     return _target_logprobs(hidden, head, tokens, chunk, tile, save)
