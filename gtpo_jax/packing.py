@@ -198,14 +198,14 @@ def stack_micro_batches(
     `bucket_size`'s grid). Either way one of `known_shapes` (with a fixed row_len, one of that
     length) is reused when it costs little more (`reusable_shape`).
     """
-    if row_len is None:
+    fitted = row_len is None
+    if fitted:
         rows, row_len = fitted_row_shape(groups, max_row_len=max_row_len, rows_multiple=rows_multiple)
         needed = max(sum(s.num_targets for s in g) for g in groups)
         rows, row_len, targets = reusable_shape(groups, (rows, row_len, bucket_size(needed, vocab_chunk)),
                                                 known_shapes)
-        packed = [pack(g, block_size=block_size, row_len=row_len, targets_multiple=vocab_chunk) for g in groups]
-    else:
-        packed = [pack(g, block_size=block_size, row_len=row_len, targets_multiple=vocab_chunk) for g in groups]
+    packed = [pack(g, block_size=block_size, row_len=row_len, targets_multiple=vocab_chunk) for g in groups]
+    if not fitted:
         # Rows on bucket_size's grid, not to a power of two: every row costs a full row of compute,
         # and an SFT step needing 9 rows of 512 would compute 16. Target slots to a power of two (a
         # padding target costs one projection row, and fewer target counts mean fewer compiles).
