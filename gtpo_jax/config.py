@@ -110,8 +110,9 @@ class TrainSection:
     log_every: int = 1  # print a step line every N steps (metrics.jsonl gets every step)
     vocab_chunk: int = 256  # vocabulary projection chunk: target slots are projected this many at a time
     # The update's forward keeps its [targets, vocab] fp32 logits for the backward (one matmul of
-    # 2·targets·hidden·vocab fewer) when they fit in this many MB per micro-batch; 0 = always recompute
-    vocab_saved_logits_mb: int = 1024
+    # 2·targets·hidden·vocab fewer) when they fit in this many MB per micro-batch; 0 = always recompute.
+    # 2048 holds ~3.4k targets of a 152k vocabulary: +6-9% update speed at 1k-2k response tokens on a CPU
+    vocab_saved_logits_mb: int = 2048
     wandb_project: Optional[str] = None  # Weights & Biases project to log to as well (extra `wandb`); null = off
 
 
