@@ -36,6 +36,8 @@ def overrides(out_dir, **extra) -> list[str]:
         "eval.enabled": "false",
         "decoding.max_new_tokens": 4,
         "decoding.temperature": 1.0,
+        # one compiled sampler shape (DAPO's rounds ask for 16 to 128 sequences): tiny calls, few compiles
+        "decoding.jax.max_batch": 8,
         "gtpo.num_task_per_step": 8,
         "gtpo.num_response_per_task": 8,
         "gtpo.oversample": 2,
