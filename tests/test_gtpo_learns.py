@@ -92,7 +92,8 @@ def test_speed_reward_raises_tokens_per_forward(tmp_path, monkeypatch):
     # A random model's confidences are ~0.006 (uniform over 192 tokens is 0.005): at threshold
     # 0.01 it almost never commits two slots in one forward; a sharper policy does.
     recs = run(tmp_path, monkeypatch, tokens_per_forward_reward,
-               **{"train.steps": 6, "decoding.threshold": 0.01, "decoding.max_new_tokens": 8})
+               **{"train.steps": 6, "decoding.threshold": 0.01, "decoding.max_new_tokens": 8,
+                  "gtpo.dynamic_sampling": "false"})
     tpf = [r["tokens_per_forward"] for r in recs]
     print("tokens per forward per step", np.round(tpf, 3).tolist())
     assert tpf[0] < 1.05 and tpf[-1] > 1.4, tpf
