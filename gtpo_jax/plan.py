@@ -39,7 +39,7 @@ from gtpo_jax.packing import pack, power_of_two_bucket
 from gtpo_jax.plan_costs import ACCELERATORS, count_matmuls, fsdp_comm_bytes, original_layout, visible_tile_fraction
 from gtpo_jax.plan_report import ROOFLINE_NOTE, ProgramPlan, gib, extrapolate, largest_arrays, report
 from gtpo_jax.rounding import round_up
-from gtpo_jax.sampling.decode import generate_loop
+from gtpo_jax.sampling.decode import TracedSettings, generate_loop
 from gtpo_jax.sampling.sampler import BlockDiffusionSampler, SamplerConfig
 from gtpo_jax.sharding import BATCH_AXES, build_mesh, optimizer_shardings, param_shardings
 from gtpo_jax.trainers.common import make_optimizer, make_update_step
@@ -225,21 +225,21 @@ def plan_sampler(cfg: Config, graphdef, params, mesh, model_cfg: ModelConfig, pr
     sampler = BlockDiffusionSampler(nnx.merge(graphdef, params), sampler_cfg, mesh=mesh)
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     batch = per_device * dp
-    st = sampler.decode_shape(batch, prompt_len)
-    pb, cache_len = st.prompt_len, st.cache_len
+    shape = sampler.decode_shape(batch, prompt_len)
+    pb, cache_len = shape.prompt_len, shape.cache_len
     rows = NamedSharding(mesh, P(BATCH_AXES))
     args = (params, _sds((batch, pb), jnp.int32, NamedSharding(mesh, P(BATCH_AXES, None))),
             _sds((batch,), jnp.int32, rows), _sds((batch,), jnp.int32, rows),
             _sds((batch, 2), jnp.uint32, NamedSharding(mesh, P(BATCH_AXES, None))), _sds((batch,), jnp.bool_, rows),
-            _sds((4,), jnp.float32, NamedSharding(mesh, P())))
+            TracedSettings(*[_sds((), jnp.float32, NamedSharding(mesh, P()))] * 4))
 
-    def generate(p, *a, st):
-        return generate_loop(graphdef, p, *a, st=st)
+    def generate(p, *a, shape):
+        return generate_loop(graphdef, p, *a, shape=shape)
 
     return compile_program(
         "sampler", f"{batch} sequences ({per_device}/device), prompt bucket {pb}, KV cache {cache_len} slots; "
         "FLOPs of one decode forward with the cache full", generate, args, devices=mesh.devices.size,
-        tile_fraction=1.0, tokens=batch * 2 * b, param_bytes=device_bytes(params), static={"st": st})
+        tile_fraction=1.0, tokens=batch * 2 * b, param_bytes=device_bytes(params), static={"shape": shape})
 
 
 # ---- report -------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from flax import nnx
 from gtpo_jax.model import ModelConfig, TokenLayout, init_model
 from gtpo_jax.rollout.jax_backend import JaxRollout
 from gtpo_jax.sampling import BlockDiffusionSampler, JaxEngineSection, SamplerConfig
-from gtpo_jax.sampling.decode import _score_masked
+from gtpo_jax.sampling.decode import TracedSettings, _score_masked
 from gtpo_jax.sampling.rules import score_slots
 from gtpo_jax.trajectory import token_logprobs
 
@@ -290,12 +290,12 @@ def test_masked_slot_scores_equal_whole_block_scores(model, greedy):
     most masked slots, a compiled width each); at every masked slot it gives what scoring the whole
     block gives, for batches whose most masked slots are 1, 2, 3 and 4 (widths 1-4 of B = 4)."""
     cfg = config(greedy=greedy, temperature=0.7, top_k=5, top_p=0.9, min_new_tokens=3)
-    st = BlockDiffusionSampler(model, cfg).decode_shape(4, 8)
+    shape = BlockDiffusionSampler(model, cfg).decode_shape(4, 8)
     rng = np.random.default_rng(3)
     hidden = jnp.asarray(rng.standard_normal((4, B, model.cfg.hidden_size)), jnp.float32)
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(5), i))(jnp.arange(4))
     step, suppress = jnp.asarray([1, 4, 7, 2]), jnp.asarray([True, False, False, True])
-    knobs = jnp.asarray([cfg.temperature, cfg.threshold, cfg.top_p, cfg.min_new_tokens], jnp.float32)
+    settings = TracedSettings(*map(jnp.float32, (cfg.temperature, cfg.threshold, cfg.top_p, cfg.min_new_tokens)))
     logits = model.logits(hidden)
     stop = np.isin(np.arange(VOCAB), STOP)
     scored = jnp.where(suppress[:, None, None] & stop, -jnp.inf, logits / cfg.temperature)
@@ -308,7 +308,7 @@ def test_masked_slot_scores_equal_whole_block_scores(model, greedy):
     def final_hidden(slots):
         return jnp.take_along_axis(hidden, slots[..., None], axis=1), ()
 
-    run = jax.jit(lambda masked: _score_masked(model, final_hidden, masked, keys, step, suppress, knobs, st)[0])
+    run = jax.jit(lambda masked: _score_masked(model, final_hidden, masked, keys, step, suppress, settings, shape)[0])
     for pattern in patterns:
         masked = jnp.asarray(pattern, bool)
         got = run(masked)

@@ -28,8 +28,8 @@ class RolloutSpec:
 @dataclasses.dataclass
 class Rollout:
     """One response, from the engine that generated it to the GTPO loss: the engine fills the
-    first fields, the trainer adds the rest as the step proceeds (reward, advantage, then the
-    log-probs read off the training layout)."""
+    first fields, the trainer adds the rest as the step proceeds (the advantage, then the log-probs
+    read off the training layout; the rewards live on the trainer's scored groups)."""
 
     prompt: np.ndarray  # int32 prompt ids
     tokens: np.ndarray  # int32 response ids, cut after the stop token / at max_new_tokens
@@ -41,7 +41,6 @@ class Rollout:
     text: str = ""
     num_forwards: int = 0  # model forwards that processed this sequence (0: not reported by the engine)
     # -- added by the GTPO step (docs/algorithm.md §5) --
-    reward: float = float("nan")  # total weighted reward
     advantage: float = 0.0  # (reward − group mean) / group std
     old_logprobs: np.ndarray | None = None  # l(θ_old) per response token, when num_iterations > 1
     ref_logprobs: np.ndarray | None = None  # l(θ_ref), when beta > 0

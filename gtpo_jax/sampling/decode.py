@@ -54,6 +54,16 @@ class DecodeShape(NamedTuple):
     mesh: Mesh | None
 
 
+class TracedSettings(NamedTuple):
+    """The decoding settings that enter the loop as float32 scalars, not as compiled constants:
+    changing them between calls reuses the compiled loop."""
+
+    temperature: jax.Array
+    threshold: jax.Array
+    top_p: jax.Array
+    min_new_tokens: jax.Array
+
+
 class _State(NamedTuple):
     tokens: jax.Array  # [b, L] int32: prompt, committed tokens, mask elsewhere
     steps: jax.Array  # [b, L] int32: the forward (1-based) that committed each slot, 0 = not generated
@@ -69,12 +79,12 @@ class _State(NamedTuple):
     stop_cut: jax.Array  # [b]: end of the tokens after a stop token, 0 = no stop
 
 
-def _constrain(x: jax.Array, st: DecodeShape) -> jax.Array:
+def _constrain(x: jax.Array, shape: DecodeShape) -> jax.Array:
     """Keep a per-sequence array's leading dimension on the data-parallel axes."""
-    if st.mesh is None:
+    if shape.mesh is None:
         return x
     spec = PartitionSpec(BATCH_AXES, *([None] * (x.ndim - 1)))
-    return jax.lax.with_sharding_constraint(x, NamedSharding(st.mesh, spec))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(shape.mesh, spec))
 
 
 def _put_rows(array: jax.Array, values: jax.Array, start: jax.Array, axis: int = 1) -> jax.Array:
@@ -85,50 +95,50 @@ def _put_rows(array: jax.Array, values: jax.Array, start: jax.Array, axis: int =
     return jax.vmap(one)(array, values, start)
 
 
-def _prefill(model: SDARModel, prompt, prompt_len, done, st: DecodeShape) -> _State:
+def _prefill(model: SDARModel, prompt, prompt_len, done, shape: DecodeShape) -> _State:
     """The prompt's full blocks enter the cache; its partial block is decoded in place."""
-    cfg, (b, pb, L) = model.cfg, (st.batch, st.prompt_len, st.cache_len)
-    first_block = prompt_len // st.block_size
+    cfg, (b, pb, L) = model.cfg, (shape.batch, shape.prompt_len, shape.cache_len)
+    first_block = prompt_len // shape.block_size
     pos = jnp.broadcast_to(jnp.arange(pb, dtype=jnp.int32), (b, pb))
-    seg = (pos < (first_block * st.block_size)[:, None]).astype(jnp.int32)
-    _, kvs = model(prompt, pos, TokenLayout(seg, pos // st.block_size, jnp.zeros_like(pos)))
+    seg = (pos < (first_block * shape.block_size)[:, None]).astype(jnp.int32)
+    _, kvs = model(prompt, pos, TokenLayout(seg, pos // shape.block_size, jnp.zeros_like(pos)))
 
     def to_cache(x, keys: bool):  # [b, pb, heads, d] -> keys [b, heads, d, L], values [b, heads, L, d]
         x = x.astype(cfg.dtype).transpose((0, 2, 3, 1) if keys else (0, 2, 1, 3))
         pad = [(0, 0)] * 4
         pad[3 if keys else 2] = (0, L - pb)
-        return _constrain(jnp.pad(x, pad), st)
+        return _constrain(jnp.pad(x, pad), shape)
 
-    tokens = jnp.concatenate([prompt, jnp.full((b, L - pb), st.mask_id, jnp.int32)], axis=1)
+    tokens = jnp.concatenate([prompt, jnp.full((b, L - pb), shape.mask_id, jnp.int32)], axis=1)
     zeros_i, zeros_f, zero_b = jnp.zeros((b, L), jnp.int32), jnp.zeros((b, L), jnp.float32), jnp.zeros(b, jnp.int32)
     return _State(tokens, zeros_i, zeros_f, zeros_f, tuple(to_cache(kv.k, True) for kv in kvs),
                   tuple(to_cache(kv.v, False) for kv in kvs), first_block, first_block, jnp.zeros(b, bool), zero_b, done,
                   zero_b)
 
 
-def _window_layout(s: _State, st: DecodeShape, writes: jax.Array | None):
+def _window_layout(s: _State, shape: DecodeShape, writes: jax.Array | None):
     """Positions [b, w] (clipped into the cache) and TokenLayout of a decode window: the current
     block's B slots, after the previous block's B slots when `writes` [b] bool is given (those are
     visible, segment 1, only for the sequences whose `writes` is set: segment 0 elsewhere)."""
-    B = st.block_size
+    B = shape.block_size
     width = B if writes is None else 2 * B
     idx = (s.block - (width // B - 1))[:, None] * B + jnp.arange(width, dtype=jnp.int32)
     seg = jnp.ones_like(idx)
     if writes is not None:
         seg = jnp.where(jnp.arange(width) < B, writes[:, None], True).astype(jnp.int32)
-    return jnp.clip(idx, 0, st.cache_len - 1), TokenLayout(seg, jnp.floor_divide(idx, B), jnp.zeros_like(idx))
+    return jnp.clip(idx, 0, shape.cache_len - 1), TokenLayout(seg, jnp.floor_divide(idx, B), jnp.zeros_like(idx))
 
 
-def _block_prefix(model: SDARModel, s: _State, st: DecodeShape, fused: bool):
+def _block_prefix(model: SDARModel, s: _State, shape: DecodeShape, fused: bool):
     """All layers but the last over the current block, after the previous one (clean) when
     `fused`: their states [b, 2B, hidden] (slots [0, B) zero when not fused) and these layers'
     keys/values of the previous block in the cache layouts (zeros when not fused). The two
     variants differ in width only here, so the last layer and the scoring are compiled once."""
-    B, n_layers = st.block_size, model.cfg.num_layers
-    pos, layout = _window_layout(s, st, s.write_prev if fused else None)
+    B, n_layers = shape.block_size, model.cfg.num_layers
+    pos, layout = _window_layout(s, shape, s.write_prev if fused else None)
     tok = jnp.take_along_axis(s.tokens, pos, axis=1)
     x, kvs = model.run_layers(model.embed(tok), pos, layout, range(n_layers - 1), KVCache(s.k, s.v, s.cached * B),
-                              st.cache_tile)
+                              shape.cache_tile)
     if fused:
         return x, tuple(kv.k[:, :B].transpose(0, 2, 3, 1) for kv in kvs), tuple(kv.v[:, :B].transpose(0, 2, 1, 3)
                                                                                 for kv in kvs)
@@ -137,36 +147,37 @@ def _block_prefix(model: SDARModel, s: _State, st: DecodeShape, fused: bool):
     return jnp.pad(x, ((0, 0), (B, 0), (0, 0))), prev_k, prev_v
 
 
-def _window_forward(model: SDARModel, s: _State, st: DecodeShape, fused: jax.Array, score: Callable):
+def _window_forward(model: SDARModel, s: _State, shape: DecodeShape, fused: jax.Array, score: Callable):
     """One forward of the current block, after the previous one (clean) where `fused` [scalar
     bool]: `score(final_hidden)` of its slots (`_score_masked`) and the previous block's keys and
     values in the cache layouts (meaningful only for the sequences that write it). The window is
     always 2·B slots for the last layer: without a write its first B slots are zero states in
     segment 0, invisible, which only the last layer's keys/values pay for."""
-    B, n_layers = st.block_size, model.cfg.num_layers
-    x, prev_k, prev_v = jax.lax.cond(fused, lambda s: _block_prefix(model, s, st, True),
-                                     lambda s: _block_prefix(model, s, st, False), s)
-    pos, layout = _window_layout(s, st, s.write_prev & fused)
+    B, n_layers = shape.block_size, model.cfg.num_layers
+    x, prev_k, prev_v = jax.lax.cond(fused, lambda s: _block_prefix(model, s, shape, True),
+                                     lambda s: _block_prefix(model, s, shape, False), s)
+    pos, layout = _window_layout(s, shape, s.write_prev & fused)
     cache = KVCache(s.k, s.v, s.cached * B)
 
     def final_hidden(slots):  # block slots [b, w] -> their final states; the last layer asks for their queries only
-        h, last = model.run_layers(x, pos, layout, range(n_layers - 1, n_layers), cache, st.cache_tile, rows=slots + B)
+        h, last = model.run_layers(x, pos, layout, range(n_layers - 1, n_layers), cache, shape.cache_tile,
+                                   rows=slots + B)
         return model.norm(h), last
 
     scores, (last,) = score(final_hidden)
     return scores, prev_k + (last.k[:, :B].transpose(0, 2, 3, 1),), prev_v + (last.v[:, :B].transpose(0, 2, 1, 3),)
 
 
-def _write_prev_block(s: _State, prev_k, prev_v, st: DecodeShape) -> _State:
+def _write_prev_block(s: _State, prev_k, prev_v, shape: DecodeShape) -> _State:
     """The previous block's clean keys/values enter the cache of the sequences that wait for it."""
-    B = st.block_size
+    B = shape.block_size
     write = s.write_prev & ~s.done
     at = jnp.maximum(s.block - 1, 0) * B
     keep = write[:, None, None, None]
 
     def put(cache, new, axis):  # `axis` of the batched cache holds positions
         old = jax.vmap(lambda c, a: jax.lax.dynamic_slice_in_dim(c, a, B, axis=axis - 1))(cache, at)
-        return _constrain(_put_rows(cache, jnp.where(keep, new.astype(cache.dtype), old), at, axis=axis), st)
+        return _constrain(_put_rows(cache, jnp.where(keep, new.astype(cache.dtype), old), at, axis=axis), shape)
 
     return s._replace(k=tuple(put(c, n, 3) for c, n in zip(s.k, prev_k)),
                       v=tuple(put(c, n, 2) for c, n in zip(s.v, prev_v)), cached=s.cached + write)
@@ -179,18 +190,19 @@ def _projection_widths(B: int) -> tuple[int, ...]:
     return tuple(sorted(set(range(1, min(B, 8) + 1)) | {min(1 << i, B) for i in range(B.bit_length() + 1)}))
 
 
-def _score_masked(model: SDARModel, final_hidden: Callable, masked, keys, step, suppress, knobs, st: DecodeShape):
+def _score_masked(model: SDARModel, final_hidden: Callable, masked, keys, step, suppress,
+                  settings: TracedSettings, shape: DecodeShape):
     """((token, confidence, raw log-prob) [b, B] of every masked slot, what `final_hidden` adds);
     other slots hold values that nothing reads. `final_hidden(slots [b, w])` -> (final hidden
     states [b, w, hidden], anything). Committed slots' scores are never used, so only masked slots
     get final states (the last layer's queries, attention output and MLP), a vocabulary
     projection and scores: each sequence's masked slots first, in as many rows as the batch's
     most masked slots, rounded up to a compiled width (one `lax.switch` branch per width)."""
-    B = st.block_size
-    temperature, top_p = knobs[0], knobs[2]
+    B = shape.block_size
+    temperature, top_p = settings.temperature, settings.top_p
     order = jnp.argsort(~masked, axis=1, stable=True).astype(jnp.int32)  # masked slots first, by index
     back = jnp.argsort(order, axis=1).astype(jnp.int32)  # slot -> its row in `order`
-    stop_vocab = jnp.zeros((model.cfg.vocab_size,), bool).at[jnp.asarray(st.stop_ids, jnp.int32)].set(True)
+    stop_vocab = jnp.zeros((model.cfg.vocab_size,), bool).at[jnp.asarray(shape.stop_ids, jnp.int32)].set(True)
 
     def width(w: int):
         def branch(order, back):
@@ -198,8 +210,8 @@ def _score_masked(model: SDARModel, final_hidden: Callable, masked, keys, step, 
             hidden, extra = final_hidden(rows)
             logits = model.logits(hidden)  # [b, w, V] float32
             scored = jnp.where(suppress[:, None, None] & stop_vocab, -jnp.inf, logits / temperature)
-            out = score_slots(logits, scored, keys, step, rows, block_size=B, greedy=st.greedy, top_k=st.top_k,
-                              top_p=top_p if st.use_top_p else None)
+            out = score_slots(logits, scored, keys, step, rows, block_size=B, greedy=shape.greedy, top_k=shape.top_k,
+                              top_p=top_p if shape.use_top_p else None)
             # rows past w (slots that are not masked anywhere in this forward) read as zeros
             return tuple(jnp.take_along_axis(jnp.pad(x, ((0, 0), (0, B - w))), back, axis=1) for x in out), extra
         return branch
@@ -210,10 +222,11 @@ def _score_masked(model: SDARModel, final_hidden: Callable, masked, keys, step, 
     return jax.lax.switch(index, [width(w) for w in widths], order, back)
 
 
-def _decode_step(model: SDARModel, s: _State, prompt_len, limit, keys, knobs, st: DecodeShape) -> _State:
+def _decode_step(model: SDARModel, s: _State, prompt_len, limit, keys, settings: TracedSettings,
+                 shape: DecodeShape) -> _State:
     """One forward: score the current block, commit slots, write the previous block, finish blocks."""
-    B = st.block_size
-    threshold, min_new = knobs[1], knobs[3]
+    B = shape.block_size
+    threshold, min_new = settings.threshold, settings.min_new_tokens
     active = ~s.done
     j, first_block = s.block, prompt_len // B
     at = j * B
@@ -227,10 +240,10 @@ def _decode_step(model: SDARModel, s: _State, prompt_len, limit, keys, knobs, st
     suppress = (min_new - B * (j - first_block)) > 0  # stop tokens barred until min_new_tokens
     step = s.counter + 1
     score = functools.partial(_score_masked, model, masked=masked, keys=keys, step=step, suppress=suppress,
-                              knobs=knobs, st=st)
-    (chosen, conf, raw), prev_k, prev_v = _window_forward(model, s, st, jnp.any(s.write_prev & active), score)
-    s = _write_prev_block(s, prev_k, prev_v, st)
-    commit = select_slots(masked, conf, threshold, st.strategy, st.commit_k)
+                              settings=settings, shape=shape)
+    (chosen, conf, raw), prev_k, prev_v = _window_forward(model, s, shape, jnp.any(s.write_prev & active), score)
+    s = _write_prev_block(s, prev_k, prev_v, shape)
+    commit = select_slots(masked, conf, threshold, shape.strategy, shape.commit_k)
     new_tok = jnp.where(commit, chosen, cur_tok)
     new_steps = jnp.where(commit, step[:, None], cur_steps)
 
@@ -243,7 +256,7 @@ def _decode_step(model: SDARModel, s: _State, prompt_len, limit, keys, knobs, st
     # Block completion: stop check, length check, or on to the next block.
     complete = active & ~jnp.any(gen & (new_steps == 0), axis=1)
     # a stop token past the limit does not count: the length cut comes first
-    is_stop = gen & (cur_pos < limit[:, None]) & jnp.isin(new_tok, jnp.asarray(st.stop_ids, jnp.int32))
+    is_stop = gen & (cur_pos < limit[:, None]) & jnp.isin(new_tok, jnp.asarray(shape.stop_ids, jnp.int32))
     stopped = complete & jnp.any(is_stop, axis=1)
     length_end = complete & ~stopped & ((j + 1) * B >= limit)
     advance = complete & ~stopped & ~length_end
@@ -251,18 +264,19 @@ def _decode_step(model: SDARModel, s: _State, prompt_len, limit, keys, knobs, st
                       done=s.done | stopped | length_end, block=j + advance, write_prev=advance)
 
 
-def generate_loop(graphdef, params, prompt, prompt_len, limit, keys, done, knobs, st: DecodeShape) -> dict:
+def generate_loop(graphdef, params, prompt, prompt_len, limit, keys, done, settings: TracedSettings,
+                  shape: DecodeShape) -> dict:
     """prompt [b, Pb] (mask-padded), prompt_len / limit (= P + max_new) [b], keys [b] PRNG keys,
-    done [b] (padding rows), knobs float32 [4] = temperature, threshold, top_p, min_new_tokens.
+    done [b] (padding rows).
     Returns per-slot tokens / steps / raw log-probs / confidences [b, L] and per sequence the stop
     cut (0 = length finish), the finish flag and the decode forwards run."""
     model: SDARModel = nnx.merge(graphdef, params)
-    s = _prefill(model, prompt, prompt_len, done, st)
-    max_iters = (st.cache_len // st.block_size + 1) * (st.block_size + 1)
+    s = _prefill(model, prompt, prompt_len, done, shape)
+    max_iters = (shape.cache_len // shape.block_size + 1) * (shape.block_size + 1)
 
     def body(carry):
         it, s = carry
-        return it + 1, _decode_step(model, s, prompt_len, limit, keys, knobs, st)
+        return it + 1, _decode_step(model, s, prompt_len, limit, keys, settings, shape)
 
     def cond(carry):
         it, s = carry
@@ -273,4 +287,4 @@ def generate_loop(graphdef, params, prompt, prompt_len, limit, keys, done, knobs
                 forwards=s.counter)
 
 
-generate_loop_jit = jax.jit(generate_loop, static_argnames=("graphdef", "st"))
+generate_loop_jit = jax.jit(generate_loop, static_argnames=("graphdef", "shape"))

@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 from gtpo_jax.data.tokenizer import TokenIds
 from gtpo_jax.model import SDARModel
 from gtpo_jax.rounding import round_up
-from gtpo_jax.sampling.decode import DecodeShape, generate_loop_jit
+from gtpo_jax.sampling.decode import DecodeShape, TracedSettings, generate_loop_jit
 from gtpo_jax.sampling.decoding import STRATEGIES, DecodingConfig
 from gtpo_jax.sharding import BATCH_AXES, shard_batch, to_host
 
@@ -39,6 +39,9 @@ log = logging.getLogger("gtpo_jax")
 # tiles of 32) reads little past its filled part, a long one loops less (on one CPU core, tiles of
 # 32 read 40 filled positions in 0.6x the time of tiles of 128, 1000 in 1.4x).
 CACHE_TILES, CACHE_TILE_MIN, CACHE_TILE_MAX = 8, 32, 128
+# (DecodeShape, graphdef) pairs the decode loop was compiled for in this process: the jitted
+# loop's cache is shared by every sampler (an evaluation's sampler reuses the rollouts' shapes).
+_COMPILED: set = set()
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -111,7 +114,6 @@ class BlockDiffusionSampler:
         self.model = model
         self.config = config
         self.mesh = mesh
-        self._compiled: set = set()
         self._data_parallel = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
     # ---- sizes -----------------------------------------------------------------------------
@@ -166,8 +168,8 @@ class BlockDiffusionSampler:
         c, B = self.config, self.config.block_size
         n = len(prompts)
         batch = round_up(_next_pow2(n), self._data_parallel)
-        st = self.decode_shape(batch, max(len(p) for p in prompts))
-        pb = st.prompt_len
+        shape = self.decode_shape(batch, max(len(p) for p in prompts))
+        pb = shape.prompt_len
         prompt = np.full((batch, pb), c.mask_id, np.int32)
         plen = np.ones(batch, np.int32)
         for i, p in enumerate(prompts):
@@ -177,16 +179,16 @@ class BlockDiffusionSampler:
         done = np.arange(batch) >= n
         base = jax.random.PRNGKey(seed)
         keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(batch) + first_index)
-        knobs = np.asarray([c.temperature, c.threshold, c.top_p, c.min_new_tokens], np.float32)
+        settings = TracedSettings(*map(np.float32, (c.temperature, c.threshold, c.top_p, c.min_new_tokens)))
         graphdef, params = nnx.split(self.model)
-        if (st, graphdef) not in self._compiled:
-            self._compiled.add((st, graphdef))
+        if (shape, graphdef) not in _COMPILED:  # what generate_loop_jit's cache holds, for every sampler
+            _COMPILED.add((shape, graphdef))
             log.info("sampler: compiling for batch %d, prompt bucket %d, cache length %d (%s)",
-                     batch, pb, st.cache_len, c.strategy)
+                     batch, pb, shape.cache_len, c.strategy)
         args = (prompt, plen, limit, keys, done)
         if self.mesh is not None:
             args = shard_batch(args, self.mesh)
-        out = to_host(generate_loop_jit(graphdef, params, *args, knobs, st=st))
+        out = to_host(generate_loop_jit(graphdef, params, *args, settings, shape=shape))
         if not out["done"][:n].all():
             raise RuntimeError("sampler loop ended before every sequence finished (internal error)")
         result = SampleBatch([], [], [], [], [], [], [], [])

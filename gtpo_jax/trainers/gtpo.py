@@ -156,8 +156,6 @@ class RolloutScorer:
         barrier("rewards")
         total, correct = broadcast_from_first((np.asarray(total, np.float32),
                                                np.asarray(reward_metrics["correct"], bool)))
-        for r, reward in zip(flat, total):
-            r.reward = float(reward)
         self.scoring_s += time.perf_counter() - t
         self.reward_metrics.append(reward_metrics)
         scored = [
