@@ -37,8 +37,11 @@ def test_schedule_counts_optimizer_updates_and_logs_the_applied_lr(tmp_path):
                  "checkpoint.async_save=false"]
     cfg = load_config(Config, None, overrides)
     session = TrainingSession(cfg)
-    session.compile_step(lambda model, mb: (jnp.sum(model.head_weight()) * mb["x"].sum(), {}))
-    applied = [session.update({"x": np.ones((1, 4), np.float32)})["lr"] for _ in range(12)]  # 3 steps × 2 × 2
+    try:
+        session.compile_step(lambda model, mb: (jnp.sum(model.head_weight()) * mb["x"].sum(), {}))
+        applied = [session.update({"x": np.ones((1, 4), np.float32)})["lr"] for _ in range(12)]  # 3 steps × 2 × 2
+    finally:
+        session.abort()  # the writers' threads stopped (left open, TensorBoard's raised at interpreter exit)
     total = 3 * 2 * 2
     want = [warmup_cosine(n, 1e-3, 2, total, 1e-4) for n in range(total)]
     np.testing.assert_allclose(applied, want, rtol=1e-5, atol=1e-12)
