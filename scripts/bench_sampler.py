@@ -110,8 +110,12 @@ def to_transformers(model) -> Qwen3ForCausalLM:
     return ref.float().eval()
 
 
-def hf_generate(model: Qwen3ForCausalLM, prompts: np.ndarray, block_size: int, new_tokens: int, mask_id: int):
-    """Greedy low_confidence_static, 1 slot per forward. Returns (tokens, steps) [b, new_tokens]."""
+def hf_generate(model: Qwen3ForCausalLM, prompts: np.ndarray, block_size: int, new_tokens: int, mask_id: int,
+                margins: np.ndarray | None = None):
+    """Greedy low_confidence_static, 1 slot per forward. Returns (tokens, steps) [b, new_tokens].
+    With `margins` [b, new_tokens] (float64, untimed calls only) it also records, per forward, how
+    close that forward's choice was: the smaller of the confidence gap between the chosen slot and
+    the runner-up slot and the probability gap between the chosen token and the runner-up token."""
     B = block_size
     b, p = prompts.shape
     assert p % B == 0 and new_tokens % B == 0, "the transformers baseline wants whole blocks"
@@ -135,8 +139,11 @@ def hf_generate(model: Qwen3ForCausalLM, prompts: np.ndarray, block_size: int, n
                 logits = model(input_ids=block, attention_mask=sees_all, position_ids=positions,
                                past_key_values=cache, use_cache=True).logits
                 cache.crop(-B)  # the noisy block's keys/values do not stay
-                conf, chosen = torch.softmax(logits.float(), dim=-1).max(dim=-1)
+                probs = torch.softmax(logits.float(), dim=-1)
+                conf, chosen = probs.max(dim=-1)
                 slot = torch.where(committed, -1.0, conf).argmax(dim=-1)  # first maximum: lowest index
+                if margins is not None:
+                    margins[:, j * B + s] = _choice_margin(probs, conf, committed, slot).numpy()
                 block[rows, slot] = chosen[rows, slot]
                 committed[rows, slot] = True
                 steps[rows, j * B + slot] = j * B + s + 1
@@ -144,6 +151,31 @@ def hf_generate(model: Qwen3ForCausalLM, prompts: np.ndarray, block_size: int, n
                 model(input_ids=block, attention_mask=sees_all, position_ids=positions, past_key_values=cache,
                       use_cache=True)
     return tokens.numpy(), steps.numpy()
+
+
+def _choice_margin(probs, conf, committed, slot) -> torch.Tensor:
+    """[b]: min(chosen slot's confidence - the best other open slot's, top token - second token at it)."""
+    rows = torch.arange(len(slot))
+    others = torch.where(committed, -1.0, conf)
+    others[rows, slot] = -1.0
+    slot_gap = conf[rows, slot] - others.max(dim=-1).values  # > 1 when no other slot is open
+    top2 = probs[rows, slot].topk(2, dim=-1).values
+    return torch.minimum(slot_gap, top2[:, 0] - top2[:, 1]).double()
+
+
+def first_divergences(ours_tokens, ours_steps, ref_tokens, ref_steps, margins) -> list[str]:
+    """For each sequence whose output differs: where, and how close the reference's choice was there."""
+    lines = []
+    for i, (t, s, rt, rs) in enumerate(zip(ours_tokens, ours_steps, ref_tokens, ref_steps)):
+        if np.array_equal(t, rt) and np.array_equal(s, rs):
+            continue
+        # the first forward at which the two made a different choice (slot or token)
+        differs = [f for f in range(len(rs)) if not np.array_equal(s == f + 1, rs == f + 1)
+                   or not np.array_equal(t[rs == f + 1], rt[rs == f + 1])]
+        f = differs[0]
+        lines.append(f"sequence {i}: first different choice at forward {f + 1} of {len(rs)}; the reference's margin "
+                     f"there {margins[i, f]:.3g} (fp32 spacing at 1: {np.finfo(np.float32).eps:.3g})")
+    return lines
 
 
 def timed(fn):
@@ -168,6 +200,10 @@ def compare_transformers(model, prompts: np.ndarray, args) -> list[tuple]:
         t_hf.append(t)
     same = sum(np.array_equal(res.tokens[i], hf_tokens[i]) and np.array_equal(res.step_maps[i], hf_steps[i])
                for i in range(len(prompts)))
+    if same < len(prompts):  # untimed: how close the reference's choice was where they part
+        margins = np.zeros(hf_steps.shape)
+        hf_generate(ref, prompts, args.block_size, args.new_tokens, cfg.mask_id, margins)
+        print("\n".join(first_divergences(res.tokens, res.step_maps, hf_tokens, hf_steps, margins)))
     n_tok = sum(len(x) for x in res.tokens)
     fast, slow = n_tok / statistics.median(t_ours), n_tok / statistics.median(t_hf)
     return [("static 1/fwd", fast, slow, fast / slow, 1.0, f"{same}/{len(prompts)}")]
