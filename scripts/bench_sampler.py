@@ -170,9 +170,8 @@ def first_divergences(ours_tokens, ours_steps, ref_tokens, ref_steps, margins) -
         if np.array_equal(t, rt) and np.array_equal(s, rs):
             continue
         # the first forward at which the two made a different choice (slot or token)
-        differs = [f for f in range(len(rs)) if not np.array_equal(s == f + 1, rs == f + 1)
-                   or not np.array_equal(t[rs == f + 1], rt[rs == f + 1])]
-        f = differs[0]
+        f = next(f for f in range(len(rs)) if not np.array_equal(s == f + 1, rs == f + 1)
+                 or not np.array_equal(t[rs == f + 1], rt[rs == f + 1]))
         lines.append(f"sequence {i}: first different choice at forward {f + 1} of {len(rs)}; the reference's margin "
                      f"there {margins[i, f]:.3g} (fp32 spacing at 1: {np.finfo(np.float32).eps:.3g})")
     return lines

@@ -16,7 +16,7 @@ from flax import nnx
 from gtpo_jax.model import ModelConfig, TokenLayout, init_model
 from gtpo_jax.rollout.jax_backend import JaxRollout
 from gtpo_jax.sampling import BlockDiffusionSampler, JaxEngineSection, SamplerConfig
-from gtpo_jax.sampling.decode import TracedSettings, _score_masked
+from gtpo_jax.sampling.decode import _score_masked
 from gtpo_jax.sampling.rules import score_slots
 from gtpo_jax.trajectory import token_logprobs
 
@@ -295,7 +295,7 @@ def test_masked_slot_scores_equal_whole_block_scores(model, greedy):
     hidden = jnp.asarray(rng.standard_normal((4, B, model.cfg.hidden_size)), jnp.float32)
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(5), i))(jnp.arange(4))
     step, suppress = jnp.asarray([1, 4, 7, 2]), jnp.asarray([True, False, False, True])
-    settings = TracedSettings(*map(jnp.float32, (cfg.temperature, cfg.threshold, cfg.top_p, cfg.min_new_tokens)))
+    settings = cfg.traced_settings()
     logits = model.logits(hidden)
     stop = np.isin(np.arange(VOCAB), STOP)
     scored = jnp.where(suppress[:, None, None] & stop, -jnp.inf, logits / cfg.temperature)

@@ -81,6 +81,10 @@ class SamplerConfig(DecodingConfig):
         """Slots per forward of the static and sequential strategies (LMDeploy's rule)."""
         return max(1, min(self.block_size // self.denoising_steps, self.block_size))
 
+    def traced_settings(self) -> TracedSettings:
+        """The settings the compiled loop takes as float32 scalars (changing them reuses it)."""
+        return TracedSettings(*map(np.float32, (self.temperature, self.threshold, self.top_p, self.min_new_tokens)))
+
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
@@ -179,7 +183,6 @@ class BlockDiffusionSampler:
         done = np.arange(batch) >= n
         base = jax.random.PRNGKey(seed)
         keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(batch) + first_index)
-        settings = TracedSettings(*map(np.float32, (c.temperature, c.threshold, c.top_p, c.min_new_tokens)))
         graphdef, params = nnx.split(self.model)
         if (shape, graphdef) not in _COMPILED:  # what generate_loop_jit's cache holds, for every sampler
             _COMPILED.add((shape, graphdef))
@@ -188,7 +191,7 @@ class BlockDiffusionSampler:
         args = (prompt, plen, limit, keys, done)
         if self.mesh is not None:
             args = shard_batch(args, self.mesh)
-        out = to_host(generate_loop_jit(graphdef, params, *args, settings, shape=shape))
+        out = to_host(generate_loop_jit(graphdef, params, *args, c.traced_settings(), shape=shape))
         if not out["done"][:n].all():
             raise RuntimeError("sampler loop ended before every sequence finished (internal error)")
         result = SampleBatch([], [], [], [], [], [], [], [])
