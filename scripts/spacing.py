@@ -1,10 +1,11 @@
-"""The speed-reward probe's analysis: the format of sampled answers (T = 1, the rollout decoding)
-of checkpoints on the held-out questions, and tokens per forward by format.
+"""The speed-reward demo's analysis: the habit of sampled answers (T = 1, the rollout decoding) of
+checkpoints on the held-out questions, and tokens per forward by habit.
 
-With `data.synthetic_spacing` > 0 (off in the demo's configs) that share of the SFT teacher's
-solutions space each operator of their worked steps at random; a model that imitates it must guess
-the spacing at every operator, and the guess moves the rest of the block. Per checkpoint this
-prints the share of spaced operators, and for answers with no spaced operator / some / all: their
+With `data.synthetic_spacing` > 0 that share of the SFT teacher's solutions comes from a careless
+typist, who spaces the first operator of the worked steps (`7 + 5`, the tell) and then each side of
+every later operator at even odds; a model imitating it must guess each later space, and the guess
+moves the rest of the block. Per checkpoint this prints the share of spaced operator sides, and for
+answers that are tidy (no space) / careless (the tell) / mixed (spaces without the tell): their
 share, tokens per forward and accuracy (boxed sum == true sum). README (the CPU demo) quotes it.
 
 python scripts/spacing.py runs/tiny/sft/checkpoints runs/tiny/gtpo/checkpoints runs/tiny/gtpo_speed/checkpoints \\
@@ -31,10 +32,12 @@ OPERATOR = re.compile(r" ?[+=] ?")
 
 
 def answer_format(text: str) -> tuple[str, int, int]:
-    """('tight' | 'mixed' | 'spaced', spaced operators, operators) of the worked steps (before ". So")."""
+    """('tidy' | 'careless' | 'mixed', spaced operator sides, operator sides) of the worked steps
+    (before ". So"): careless when the first operator has the careless typist's spaces on both sides."""
     ops = OPERATOR.findall(text.split(". So ", 1)[0])
-    spaced = sum(op.startswith(" ") for op in ops)
-    return ("tight" if spaced == 0 else "spaced" if spaced == len(ops) else "mixed"), spaced, len(ops)
+    spaced = sum(op.count(" ") for op in ops)
+    kind = "tidy" if spaced == 0 else "careless" if ops[0] == f" {ops[0].strip()} " else "mixed"
+    return kind, spaced, 2 * len(ops)
 
 
 def is_right(question: str, text: str) -> bool:
@@ -60,10 +63,10 @@ def sample(path: str, cfg: Config, tokenizer, questions, n: int, seed: int) -> l
 def summary(samples: list[tuple[str, str, float, bool]]) -> dict:
     rows = [(*answer_format(text), tpf, is_right(q, text) and not cut) for q, text, tpf, cut in samples]
     spaced = sum(r[1] for r in rows) / max(1, sum(r[2] for r in rows))
-    out = {"answers": len(rows), "spaced_operators": round(spaced, 3),
+    out = {"answers": len(rows), "spaced_sides": round(spaced, 3),
            "tokens_per_forward": round(float(np.mean([r[3] for r in rows])), 3),
            "accuracy": round(float(np.mean([r[4] for r in rows])), 3)}
-    for kind in ("tight", "mixed", "spaced"):
+    for kind in ("tidy", "careless", "mixed"):
         sel = [r for r in rows if r[0] == kind]
         out[kind] = {"share": round(len(sel) / len(rows), 3),
                      "tokens_per_forward": round(float(np.mean([r[3] for r in sel])), 3) if sel else None,

@@ -1,5 +1,5 @@
 """The synthetic arithmetic task's sloppy teacher (data.synthetic_carry_slip), checked against
-sums computed here digit by digit, and its inconsistent spacing (data.synthetic_spacing)."""
+sums computed here digit by digit, and its careless typist (data.synthetic_spacing)."""
 
 from __future__ import annotations
 
@@ -66,34 +66,33 @@ def test_only_the_sft_file_carries_the_slips(tmp_path):
     assert 0.3 < wrong < 0.6  # about the share of questions with a carry (45% of 2-digit pairs)
 
 
-def test_a_careless_typist_spaces_operators_of_its_share_of_solutions_and_changes_nothing_else():
+def test_a_careless_typist_spaces_the_first_operator_then_each_side_at_random_and_changes_nothing_else():
     tight = synthetic_examples(2000, seed=3, digits=2, carry_slip=0.7)
     loose = synthetic_examples(2000, seed=3, digits=2, carry_slip=0.7, spacing=0.4)
-    spaced = operators = careless = mixed = 0
+    careless = later_sides = later_spaced = 0
     for t, lo in zip(tight, loose, strict=True):
         assert (lo.question, lo.answer) == (t.question, t.answer)
         # removing the spaces of the worked steps gives back the tight text (same slips, same sums)
         steps, rest = lo.response.split(". So ", 1)
-        assert steps.replace(" + ", "+").replace(" = ", "=") + ". So " + rest == t.response
-        assert rest == t.response.split(". So ", 1)[1]  # the summary line is never spaced
         ops = re.findall(r" ?[+=] ?", steps)
-        assert all(op in ("+", "=", " + ", " = ") for op in ops)
-        n_spaced = sum(op.startswith(" ") for op in ops)
-        spaced += n_spaced
-        operators += len(ops)
-        careless += n_spaced > 0
-        mixed += 0 < n_spaced < len(ops)
-    # 40% of solutions careless, each operator of theirs spaced at even odds: 20% of all operators;
-    # a careless solution is all-tight with probability 2^-ops (4-5 operators), so ~38% have a space
-    assert spaced / operators == pytest.approx(0.2, abs=0.02)
-    assert careless / len(loose) == pytest.approx(0.4 * (1 - 0.5**4.5), abs=0.04)
-    assert mixed / careless > 0.8  # chosen per operator, not once per solution
+        assert all(op.strip() in "+=" and len(op) <= 3 for op in ops)
+        assert re.sub(r" ?([+=]) ?", r"\1", steps) + ". So " + rest == t.response
+        assert rest == t.response.split(". So ", 1)[1]  # the summary line is never spaced
+        if ops[0] == " + ":  # the tell: a careless solution's first operator is spaced on both sides
+            careless += 1
+            later_sides += 2 * (len(ops) - 1)
+            later_spaced += sum(op.count(" ") for op in ops[1:])
+        else:
+            assert ops[0] == "+" and all(op.strip() == op for op in ops)  # a tidy solution has no space
+    assert careless / len(loose) == pytest.approx(0.4, abs=0.03)  # the careless share, told apart exactly
+    assert later_spaced / later_sides == pytest.approx(0.5, abs=0.02)  # each later side at even odds
 
 
 def test_the_spacing_analysis_reads_formats_and_answers_of_handwritten_solutions():
-    assert answer_format("7+5=12, 2+4+1=7. So 27+45=72. \\boxed{72}") == ("tight", 0, 5)
-    assert answer_format("7 + 5 = 12, 2 + 4 + 1 = 7. So 27+45=72. \\boxed{72}") == ("spaced", 5, 5)
-    assert answer_format("7 + 5=12, 2+4+1 = 7. So 27+45=72. \\boxed{72}") == ("mixed", 2, 5)
+    assert answer_format("7+5=12, 2+4+1=7. So 27+45=72. \\boxed{72}") == ("tidy", 0, 10)
+    assert answer_format("7 + 5 = 12, 2 + 4 + 1 = 7. So 27+45=72. \\boxed{72}") == ("careless", 10, 10)
+    assert answer_format("7 + 5=12, 2+4 +1 = 7. So 27+45=72. \\boxed{72}") == ("careless", 5, 10)
+    assert answer_format("7+ 5=12, 2+4+1=7. So 27 + 45=72. \\boxed{72}") == ("mixed", 1, 10)  # no tell
     assert is_right("What is 27 + 45?", "7+5=12, 2+4+1=7. So 27+45=72. \\boxed{72}")
     assert not is_right("What is 27 + 45?", "7+5=12, 2+4=6. So 27+45=62. \\boxed{62}")
     assert not is_right("What is 27 + 45?", "7+5=12, 2+4+1=7. So 27+45=72.")  # no boxed answer

@@ -10,13 +10,15 @@ A model imitating it samples the slip at T=1 as often as the teacher made it, a 
 accuracy reward can find and remove (the CPU demo's headroom for RL); the RL prompts and the
 held-out answers stay correct.
 
-`spacing` is the fraction of worked solutions typed carelessly: each `+` and `=` of their column
-steps gets a space on both sides or not, at random (even odds, per operator). The arithmetic is
-the same either way, but a model imitating it must guess at every operator whether a space comes,
-and the guess moves every later token of the block, so it cannot commit them in one forward:
-careless spacing costs parallel decoding without changing correctness. It was built to give the
-speed reward (SPEC 5.1) a habit to remove; measured (README, the CPU demo), it cannot: the decoder
-never commits the rare spaced operator, so every answer comes out tight and slowed alike.
+`spacing` is the fraction of worked solutions typed by a careless typist, who spaces the first
+operator of the column steps (`7 + 5=12`) and then each side of every later operator at even odds.
+The arithmetic is the same either way, but a model imitating it must guess each later space, and
+the guess moves every later token of the block, so it cannot commit them in one forward: careless
+typing costs parallel decoding without changing correctness. The first operator tells the two
+habits apart (`7+` or `7 `), one sampled choice per answer whose two outcomes decode at different
+speeds: what the speed reward (SPEC 5.1) can select. (An earlier probe spaced operators at random
+in a share of solutions with no such tell; the decoder then never committed the rare spaced
+operator and every answer came out tight and slowed alike.)
 """
 
 from __future__ import annotations
@@ -40,11 +42,12 @@ class ArithmeticExample:
 def worked_addition(a: int, b: int, forget_carry: bool = False, spaced=None) -> str:
     """Column-by-column addition ending in `\\boxed{}`; `forget_carry` drops every carry (and so
     writes a wrong sum: the last column's sum, then the other columns' sums mod 10). `spaced`, an
-    iterator of bools, says per operator of the column steps whether it gets spaces around it."""
+    iterator of bools, says per side of each operator of the column steps whether a space is there."""
     spaced = iter(() if spaced is None else spaced)
 
     def op(symbol: str) -> str:
-        return f" {symbol} " if next(spaced, False) else symbol
+        left, right = next(spaced, False), next(spaced, False)
+        return (" " if left else "") + symbol + (" " if right else "")
 
     steps, carry, digits = [], 0, []
     da, db = str(a)[::-1], str(b)[::-1]
@@ -79,8 +82,10 @@ def synthetic_examples(n: int, seed: int, digits: int = 2, carry_slip: float = 0
     slips = np.random.default_rng([seed, 1]).random(n) < carry_slip  # own stream: same questions for any rate
     # own stream, a fixed number of draws per example: the questions and slips do not depend on it
     space_rng = np.random.default_rng([seed, 2])
-    sloppy = space_rng.random(n) < spacing
-    spaces = (space_rng.random((n, 3 * (digits + 1))) < 0.5) & sloppy[:, None]
+    careless = space_rng.random(n) < spacing
+    spaces = space_rng.random((n, 2 * 3 * (digits + 1))) < 0.5  # two sides of <= 3 operators per column
+    spaces[:, :2] = True  # the careless typist's tell: the first operator is spaced
+    spaces &= careless[:, None]
     lo, hi = 10 ** (digits - 1), 10**digits
     out = []
     for i in range(n):
