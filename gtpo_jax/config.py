@@ -55,9 +55,9 @@ class DataSection:
     # fraction of the synthetic SFT solutions needing a carry in which the teacher forgets it
     # (wrong worked solution and answer); RL prompts and held-out answers stay correct
     synthetic_carry_slip: float = 0.0
-    # fraction of the synthetic SFT solutions typed carelessly: each operator of their worked steps
-    # spaced or not at even odds (costs parallel decoding, not correctness: a speed-reward probe)
-    synthetic_spacing: float = 0.0
+    # fraction of the synthetic SFT solutions that trail off into random punctuation after the
+    # boxed answer (costs parallel decoding, not correctness: what the speed reward can remove)
+    synthetic_ramble: float = 0.0
     max_len: int = 512  # prompt + response tokens
     # a sample longer than max_len: cut the response, or drop the sample (both counted)
     over_length: Literal["truncate", "skip"] = "truncate"

@@ -43,7 +43,7 @@ def _rules() -> dict[str, list[Rule]]:
         "DataSection": [
             at_least("synthetic_train", 1), at_least("synthetic_eval", 0), at_least("synthetic_digits", 1),
             within("synthetic_carry_slip", 0, 1),
-            within("synthetic_spacing", 0, 1),
+            within("synthetic_ramble", 0, 1),
             at_least("max_len", 2), at_least("epochs", 0, " (0 = repeat forever)"),
         ],
         "MaskingSection": [within("lower_p", 0, 1), within("upper_p", 0, 1), at_least("post_num", 0),

@@ -1,5 +1,5 @@
 """The synthetic arithmetic task's sloppy teacher (data.synthetic_carry_slip), checked against
-sums computed here digit by digit, and its careless typist (data.synthetic_spacing)."""
+sums computed here digit by digit, and its rambling share (data.synthetic_ramble)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import sys
 import numpy as np
 import pytest
 
-from gtpo_jax.data.synthetic import synthetic_examples, write_synthetic_task
+from gtpo_jax.data.synthetic import RAMBLE_MARKS, synthetic_examples, write_synthetic_task
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
-from spacing import answer_format, is_right  # noqa: E402  (scripts/spacing.py, the probe's analysis)
+from habits import answer_habit, is_right  # noqa: E402  (scripts/habits.py, the speed demo's analysis)
 
 
 def boxed(response: str) -> int:
@@ -66,33 +66,32 @@ def test_only_the_sft_file_carries_the_slips(tmp_path):
     assert 0.3 < wrong < 0.6  # about the share of questions with a carry (45% of 2-digit pairs)
 
 
-def test_a_careless_typist_spaces_the_first_operator_then_each_side_at_random_and_changes_nothing_else():
-    tight = synthetic_examples(2000, seed=3, digits=2, carry_slip=0.7)
-    loose = synthetic_examples(2000, seed=3, digits=2, carry_slip=0.7, spacing=0.4)
-    careless = later_sides = later_spaced = 0
-    for t, lo in zip(tight, loose, strict=True):
-        assert (lo.question, lo.answer) == (t.question, t.answer)
-        # removing the spaces of the worked steps gives back the tight text (same slips, same sums)
-        steps, rest = lo.response.split(". So ", 1)
-        ops = re.findall(r" ?[+=] ?", steps)
-        assert all(op.strip() in "+=" and len(op) <= 3 for op in ops)
-        assert re.sub(r" ?([+=]) ?", r"\1", steps) + ". So " + rest == t.response
-        assert rest == t.response.split(". So ", 1)[1]  # the summary line is never spaced
-        if ops[0] == " + ":  # the tell: a careless solution's first operator is spaced on both sides
-            careless += 1
-            later_sides += 2 * (len(ops) - 1)
-            later_spaced += sum(op.count(" ") for op in ops[1:])
+def test_a_rambling_share_trails_off_into_random_marks_after_the_answer_and_changes_nothing_else():
+    plain = synthetic_examples(2000, seed=3, digits=2, carry_slip=0.7)
+    mixed = synthetic_examples(2000, seed=3, digits=2, carry_slip=0.7, ramble=0.4)
+    rambling, marks = 0, ""
+    for p, m in zip(plain, mixed, strict=True):
+        assert (m.question, m.answer) == (p.question, p.answer)
+        if m.response != p.response:  # the same solution, then a space and the marks
+            assert m.response.startswith(p.response + " ")
+            tail = m.response[len(p.response) + 1 :]
+            assert len(tail) == RAMBLE_MARKS and set(tail) <= {".", "!", "?", ";"}
+            assert answer_habit(m.response) == "rambles" and boxed(m.response) == boxed(p.response)
+            rambling += 1
+            marks += tail
         else:
-            assert ops[0] == "+" and all(op.strip() == op for op in ops)  # a tidy solution has no space
-    assert careless / len(loose) == pytest.approx(0.4, abs=0.03)  # the careless share, told apart exactly
-    assert later_spaced / later_sides == pytest.approx(0.5, abs=0.02)  # each later side at even odds
+            assert answer_habit(m.response) == "stops"
+    assert rambling / len(mixed) == pytest.approx(0.4, abs=0.03)
+    for symbol in ".!?;":  # even odds: nothing to predict
+        assert marks.count(symbol) / len(marks) == pytest.approx(0.25, abs=0.02)
 
 
-def test_the_spacing_analysis_reads_formats_and_answers_of_handwritten_solutions():
-    assert answer_format("7+5=12, 2+4+1=7. So 27+45=72. \\boxed{72}") == ("tidy", 0, 10)
-    assert answer_format("7 + 5 = 12, 2 + 4 + 1 = 7. So 27+45=72. \\boxed{72}") == ("careless", 10, 10)
-    assert answer_format("7 + 5=12, 2+4 +1 = 7. So 27+45=72. \\boxed{72}") == ("careless", 5, 10)
-    assert answer_format("7+ 5=12, 2+4+1=7. So 27 + 45=72. \\boxed{72}") == ("mixed", 1, 10)  # no tell
+def test_the_habit_analysis_reads_habits_and_answers_of_handwritten_solutions():
+    assert answer_habit("7+5=12, 2+4+1=7. So 27+45=72. \\boxed{72}") == "stops"
+    assert answer_habit("7+5=12, 2+4+1=7. So 27+45=72. \\boxed{72}  \n") == "stops"
+    assert answer_habit("7+5=12, 2+4+1=7. So 27+45=72. \\boxed{72} .!!.") == "rambles"
+    assert answer_habit("\\boxed{7} then \\boxed{72}!") == "rambles"  # after the last boxed answer
+    assert answer_habit("7+5=12, 2+4+1=7. So 27+45=72.") == "stops"  # nothing boxed: nothing after it
     assert is_right("What is 27 + 45?", "7+5=12, 2+4+1=7. So 27+45=72. \\boxed{72}")
     assert not is_right("What is 27 + 45?", "7+5=12, 2+4=6. So 27+45=62. \\boxed{62}")
     assert not is_right("What is 27 + 45?", "7+5=12, 2+4+1=7. So 27+45=72.")  # no boxed answer

@@ -10,15 +10,15 @@ A model imitating it samples the slip at T=1 as often as the teacher made it, a 
 accuracy reward can find and remove (the CPU demo's headroom for RL); the RL prompts and the
 held-out answers stay correct.
 
-`spacing` is the fraction of worked solutions typed by a careless typist, who spaces the first
-operator of the column steps (`7 + 5=12`) and then each side of every later operator at even odds.
-The arithmetic is the same either way, but a model imitating it must guess each later space, and
-the guess moves every later token of the block, so it cannot commit them in one forward: careless
-typing costs parallel decoding without changing correctness. The first operator tells the two
-habits apart (`7+` or `7 `), one sampled choice per answer whose two outcomes decode at different
-speeds: what the speed reward (SPEC 5.1) can select. (An earlier probe spaced operators at random
-in a share of solutions with no such tell; the decoder then never committed the rare spaced
-operator and every answer came out tight and slowed alike.)
+`ramble` is the fraction of worked solutions whose writer, after the boxed answer, trails off into
+RAMBLE_MARKS random punctuation marks (`\\boxed{72} .!?;.!;??...`). The answer and its grade are the
+same either way, but no model can predict a coin flip, so a decoder commits those marks about one
+per forward: rambling costs parallel decoding without changing correctness. Whether an answer
+rambles is one sampled choice (stop or go on after the `}`), whose two outcomes decode at
+different speeds: what the speed reward (SPEC 5.1) can select. Off in the demo's configs (README,
+"Speed reward", has what it measured). Earlier probes made answers slow by spacing their operators
+at random instead; the spaces shift every later digit, and the tiny SFT model then got its column
+sums wrong (greedy held-out 14-20% against 56%).
 """
 
 from __future__ import annotations
@@ -39,23 +39,23 @@ class ArithmeticExample:
     answer: str
 
 
-def worked_addition(a: int, b: int, forget_carry: bool = False, spaced=None) -> str:
+RAMBLE_MARKS = 12  # random punctuation marks after a rambling answer, each one of RAMBLE_SYMBOLS
+# Four symbols, not two: before the writer's choice after the `}` is committed, a later slot's most
+# likely mark (0.7 / 4 at a 70% rambling share) must stay less likely than stopping there (0.3), or
+# the decoder commits a mark first whenever it drew the stop, and stops far less often than the model.
+RAMBLE_SYMBOLS = (".", "!", "?", ";")
+
+
+def worked_addition(a: int, b: int, forget_carry: bool = False) -> str:
     """Column-by-column addition ending in `\\boxed{}`; `forget_carry` drops every carry (and so
-    writes a wrong sum: the last column's sum, then the other columns' sums mod 10). `spaced`, an
-    iterator of bools, says per side of each operator of the column steps whether a space is there."""
-    spaced = iter(() if spaced is None else spaced)
-
-    def op(symbol: str) -> str:
-        left, right = next(spaced, False), next(spaced, False)
-        return (" " if left else "") + symbol + (" " if right else "")
-
+    writes a wrong sum: the last column's sum, then the other columns' sums mod 10)."""
     steps, carry, digits = [], 0, []
     da, db = str(a)[::-1], str(b)[::-1]
     for i in range(max(len(da), len(db))):
         x = int(da[i]) if i < len(da) else 0
         y = int(db[i]) if i < len(db) else 0
         s = x + y + carry
-        steps.append(f"{x}{op('+')}{y}" + (f"{op('+')}{carry}" if carry else "") + f"{op('=')}{s}")
+        steps.append(f"{x}+{y}" + (f"+{carry}" if carry else "") + f"={s}")
         digits.append(str(s % 10))
         carry = 0 if forget_carry else s // 10
     total = int(str(s) + "".join(reversed(digits[:-1])))  # == a + b unless a carry was forgotten
@@ -76,21 +76,21 @@ def needs_carry(a: int, b: int) -> bool:
 
 
 def synthetic_examples(n: int, seed: int, digits: int = 2, carry_slip: float = 0.0,
-                       spacing: float = 0.0) -> list[ArithmeticExample]:
+                       ramble: float = 0.0) -> list[ArithmeticExample]:
     """`answer` is always the true sum; `response` is the (possibly sloppy) teacher's."""
     rng = np.random.default_rng(seed)
     slips = np.random.default_rng([seed, 1]).random(n) < carry_slip  # own stream: same questions for any rate
     # own stream, a fixed number of draws per example: the questions and slips do not depend on it
-    space_rng = np.random.default_rng([seed, 2])
-    careless = space_rng.random(n) < spacing
-    spaces = space_rng.random((n, 2 * 3 * (digits + 1))) < 0.5  # two sides of <= 3 operators per column
-    spaces[:, :2] = True  # the careless typist's tell: the first operator is spaced
-    spaces &= careless[:, None]
+    ramble_rng = np.random.default_rng([seed, 2])
+    rambles = ramble_rng.random(n) < ramble
+    marks = ramble_rng.choice(np.array(RAMBLE_SYMBOLS), (n, RAMBLE_MARKS))
     lo, hi = 10 ** (digits - 1), 10**digits
     out = []
     for i in range(n):
         a, b = (int(x) for x in rng.integers(lo, hi, 2))
-        response = worked_addition(a, b, forget_carry=bool(slips[i]) and needs_carry(a, b), spaced=spaces[i])
+        response = worked_addition(a, b, forget_carry=bool(slips[i]) and needs_carry(a, b))
+        if rambles[i]:
+            response += " " + "".join(marks[i])
         out.append(ArithmeticExample(f"What is {a} + {b}?", response, str(a + b)))
     return out
 
@@ -101,12 +101,12 @@ def task_paths(out_dir: str) -> dict[str, str]:
 
 
 def write_synthetic_task(out_dir: str, n_train: int, n_eval: int, seed: int = 0, digits: int = 2,
-                         carry_slip: float = 0.0, spacing: float = 0.0) -> dict[str, str]:
+                         carry_slip: float = 0.0, ramble: float = 0.0) -> dict[str, str]:
     """sft_train.jsonl, rl_train.jsonl and rl_eval.jsonl; held-out questions never appear in
-    the training files. Deterministic in (n_train, n_eval, seed, digits, carry_slip, spacing)."""
+    the training files. Deterministic in (n_train, n_eval, seed, digits, carry_slip, ramble)."""
     os.makedirs(out_dir, exist_ok=True)
     pool = synthetic_examples(4 * (n_train + n_eval), seed=seed, digits=digits, carry_slip=carry_slip,
-                              spacing=spacing)
+                              ramble=ramble)
     seen, unique = set(), []
     for ex in pool:
         if ex.question not in seen:

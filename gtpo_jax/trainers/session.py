@@ -163,7 +163,7 @@ class TrainingSession:
         d = self.cfg.data
         write_synthetic_task(os.path.join(self.cfg.output_dir, "data"), n_train=d.synthetic_train,
                              n_eval=d.synthetic_eval, seed=d.shuffle_seed, digits=d.synthetic_digits,
-                             carry_slip=d.synthetic_carry_slip, spacing=d.synthetic_spacing)
+                             carry_slip=d.synthetic_carry_slip, ramble=d.synthetic_ramble)
         if self._tiny_tokenizer:
             build_tiny_tokenizer(self.cfg.tokenizer.path)
 
