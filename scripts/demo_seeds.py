@@ -3,6 +3,13 @@ GTPO with accuracy + speed from that same SFT checkpoint. Prints (and writes to
 <out>/summary.md) a table with every run's numbers, then their mean and range.
 
 python scripts/demo_seeds.py --seeds 0 1 2 --out runs/seeds
+python scripts/demo_seeds.py --task ramble --seeds 0 1 --out runs/seeds_ramble   # the speed reward's proof
+
+`--task ramble` runs the same three stages on the task where right answers decode at two speeds
+(README, "the speed reward"): 70% of the SFT solutions trail off after the boxed answer into random
+marks (committed about one per forward), GTPO runs 150 steps, and the speed run weights its speed
+part 16 (under SPEC's DAPO rule the speed part separates only a mixed group's right answers, so it
+needs the weight and the steps to outpull accuracy's drift towards rambling).
 
 A seed sets the model's initialisation and the training randomness (masks, rollouts) of both
 stages; the synthetic questions (data.shuffle_seed) stay the same, so every seed is scored on the
@@ -25,6 +32,12 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from plot_metrics import plot, read_metrics  # noqa: E402
 
 EDGE = 5  # steps averaged at the start and at the end of a GTPO run
+# Overrides per task variant: for every stage ("all"), for both GTPO runs ("gtpo"), for the speed run ("speed").
+TASKS = {
+    "carry": {"all": [], "gtpo": [], "speed": []},
+    "ramble": {"all": ["data.synthetic_ramble=0.7", "data.max_len=112", "decoding.max_new_tokens=52"],
+               "gtpo": ["train.steps=150"], "speed": ["gtpo.rewards={accuracy: 1.0, speed: 16.0}"]},
+}
 
 
 def train(config: str, log_path: str, *overrides: str) -> tuple[dict, float]:
@@ -64,7 +77,7 @@ def gtpo_row(name: str, run_dir: str, held_out: dict, wall: float) -> dict:
     tpf0, tpf1 = edges(rows, "tokens_per_forward")
     return {"run": name, "held_out_before": held_out["before"], "held_out_after": held_out["after"],
             "held_out_all": held_out, "rollout_acc_first": acc0, "rollout_acc_last": acc1,
-            "tpf_first": tpf0, "tpf_last": tpf1, "wall_s": wall}
+            "tpf_first": tpf0, "tpf_last": tpf1, "tpf_ratio": tpf1 / tpf0, "wall_s": wall}
 
 
 def summary_table(results: list[dict]) -> str:
@@ -72,6 +85,7 @@ def summary_table(results: list[dict]) -> str:
             (f"rollout acc. first {EDGE} steps", "rollout_acc_first", "{:.3f}"),
             (f"rollout acc. last {EDGE} steps", "rollout_acc_last", "{:.3f}"),
             (f"tokens/forward first {EDGE}", "tpf_first", "{:.2f}"), (f"tokens/forward last {EDGE}", "tpf_last", "{:.2f}"),
+            ("tokens/forward last / first", "tpf_ratio", "{:.3f}"),
             ("wall (s)", "wall_s", "{:.0f}")]
     lines = ["| run | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for r in results:
@@ -89,13 +103,16 @@ def summary_table(results: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--out", default="runs/seeds")
+    ap.add_argument("--task", choices=sorted(TASKS), default="carry",
+                    help="the demo's task (carry, default) or the speed reward's rambling variant")
+    ap.add_argument("--out", help="output directory [runs/seeds, or runs/seeds_<task> for another task]")
     ap.add_argument("--skip-speed", action="store_true", help="only the accuracy-reward GTPO run")
     ap.add_argument("--sft-from", help="an SFT run directory to start every seed's GTPO runs from (no SFT per seed)")
     ap.add_argument("--sft-root", help="an earlier --out of this script: reuse its seed<N>/sft runs (and their "
                                        "results.json's SFT numbers) instead of training SFT again")
     args = ap.parse_args()
-    out = os.path.abspath(args.out)
+    task = TASKS[args.task]
+    out = os.path.abspath(args.out or ("runs/seeds" if args.task == "carry" else f"runs/seeds_{args.task}"))
     results = []
     for seed in args.seeds:
         base = os.path.join(out, f"seed{seed}")
@@ -108,13 +125,15 @@ def main() -> None:
         else:
             sft_dir = os.path.join(base, "sft")
             sft, sft_wall = train("configs/sft_tiny.yaml", os.path.join(base, "sft.log"), f"output_dir={sft_dir}",
-                                  f"model.init_seed={seed}", f"train.seed={seed}", "checkpoint.export_hf=false")
+                                  f"model.init_seed={seed}", f"train.seed={seed}", "checkpoint.export_hf=false",
+                                  *task["all"])
             print(f"seed {seed}: SFT held-out {sft} in {sft_wall:.0f} s", flush=True)
         runs = [("gtpo", "configs/gtpo_tiny.yaml")] + ([] if args.skip_speed else [("speed", "configs/gtpo_tiny_speed.yaml")])
         for name, config in runs:
             run_dir = os.path.join(base, name)
             held, wall = train(config, os.path.join(base, f"{name}.log"), f"output_dir={run_dir}",
-                               f"model.path={sft_dir}/checkpoints", f"train.seed={seed}", "checkpoint.export_hf=false")
+                               f"model.path={sft_dir}/checkpoints", f"train.seed={seed}", "checkpoint.export_hf=false",
+                               *task["all"], *task["gtpo"], *(task["speed"] if name == "speed" else []))
             row = gtpo_row(f"{name} seed {seed}", run_dir, held, wall)
             row.update(sft_before=sft["before"], sft_after=sft["after"], sft_wall_s=sft_wall)
             results.append(row)
