@@ -3,7 +3,7 @@ GTPO with accuracy + speed from that same SFT checkpoint. Prints (and writes to
 <out>/summary.md) a table with every run's numbers, then their mean and range.
 
 python scripts/demo_seeds.py --seeds 0 1 2 --out runs/seeds
-python scripts/demo_seeds.py --task ramble --seeds 0 1 --out runs/seeds_ramble   # the speed reward's proof
+python scripts/demo_seeds.py --task ramble --seeds 0 1 2 --out runs/seeds_ramble   # the speed reward's proof
 
 `--task ramble` runs the same three stages on the task where right answers decode at two speeds
 (README, "the speed reward"): 70% of the SFT solutions trail off after the boxed answer into random
