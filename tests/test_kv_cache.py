@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gtpo_jax.model import KVCache, ModelConfig, TokenLayout, init_model
+from gtpo_jax.model import KVCache, ModelConfig, Rope, TokenLayout, init_model
 from gtpo_jax.model.kv_cache import cached_attention
 
 
@@ -60,7 +60,7 @@ def test_last_layer_rows_equal_the_full_forward(rng):
 
     @nnx.jit(static_argnums=(1,))
     def run(model, with_cache, rows):
-        return model.run_layers(model.embed(tokens), pos, layout, layers, cache if with_cache else None, tile, rows)
+        return model.run_layers(model.embed(tokens), Rope.of(model.cfg, pos), layout, layers, cache if with_cache else None, tile, rows)
 
     for with_cache in (True, False):
         (full, full_kv), (some, some_kv) = run(model, with_cache, None), run(model, with_cache, rows)
@@ -69,3 +69,15 @@ def test_last_layer_rows_equal_the_full_forward(rng):
         for a, w in zip(some_kv, full_kv):  # every token's keys and values, last layer included
             np.testing.assert_allclose(np.asarray(a.k), np.asarray(w.k), atol=1e-6, rtol=0)
             np.testing.assert_allclose(np.asarray(a.v), np.asarray(w.v), atol=1e-6, rtol=0)
+
+
+def test_rope_rows_gathered_from_a_table_equal_those_of_their_positions(rng):
+    """The sampler builds the rotary tables once for every cache position and gathers each
+    forward's rows (`Rope.at`): they equal the tables computed from the positions themselves."""
+    cfg = ModelConfig.tiny(vocab_size=64)
+    pos = jnp.asarray(rng.integers(0, 96, (3, 8)), jnp.int32)
+    table = Rope.of(cfg, jnp.arange(96, dtype=jnp.int32)[None])
+    got, want = table.at(pos), Rope.of(cfg, pos)
+    assert got.cos.shape == (3, 8, cfg.head_dim)
+    np.testing.assert_allclose(np.asarray(got.cos), np.asarray(want.cos), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(np.asarray(got.sin), np.asarray(want.sin), atol=1e-6, rtol=0)

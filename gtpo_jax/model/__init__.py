@@ -11,7 +11,7 @@ from gtpo_jax.model.attention import TokenLayout, block_causal_attention, visibi
 from gtpo_jax.model.config import ModelConfig, ModelConfigError
 from gtpo_jax.model.kv_cache import KVCache
 from gtpo_jax.model.params import CheckpointMismatchError
-from gtpo_jax.model.sdar import LayerKV, SDARModel, init_model
+from gtpo_jax.model.sdar import LayerKV, Rope, SDARModel, init_model
 
 __all__ = [
     "CheckpointMismatchError",
@@ -19,6 +19,7 @@ __all__ = [
     "LayerKV",
     "ModelConfig",
     "ModelConfigError",
+    "Rope",
     "SDARModel",
     "TokenLayout",
     "block_causal_attention",

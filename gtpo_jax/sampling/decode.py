@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gtpo_jax.model import KVCache, SDARModel, TokenLayout
+from gtpo_jax.model import KVCache, Rope, SDARModel, TokenLayout
 from gtpo_jax.sampling.rules import score_slots, select_slots
 from gtpo_jax.sharding import BATCH_AXES
 
@@ -129,7 +129,7 @@ def _window_layout(s: _State, shape: DecodeShape, writes: jax.Array | None):
     return jnp.clip(idx, 0, shape.cache_len - 1), TokenLayout(seg, jnp.floor_divide(idx, B), jnp.zeros_like(idx))
 
 
-def _block_prefix(model: SDARModel, s: _State, shape: DecodeShape, fused: bool):
+def _block_prefix(model: SDARModel, s: _State, shape: DecodeShape, fused: bool, rope: Rope):
     """All layers but the last over the current block, after the previous one (clean) when
     `fused`: their states [b, 2B, hidden] (slots [0, B) zero when not fused) and these layers'
     keys/values of the previous block in the cache layouts (zeros when not fused). The two
@@ -137,8 +137,8 @@ def _block_prefix(model: SDARModel, s: _State, shape: DecodeShape, fused: bool):
     B, n_layers = shape.block_size, model.cfg.num_layers
     pos, layout = _window_layout(s, shape, s.write_prev if fused else None)
     tok = jnp.take_along_axis(s.tokens, pos, axis=1)
-    x, kvs = model.run_layers(model.embed(tok), pos, layout, range(n_layers - 1), KVCache(s.k, s.v, s.cached * B),
-                              shape.cache_tile)
+    x, kvs = model.run_layers(model.embed(tok), rope.at(pos), layout, range(n_layers - 1),
+                              KVCache(s.k, s.v, s.cached * B), shape.cache_tile)
     if fused:
         return x, tuple(kv.k[:, :B].transpose(0, 2, 3, 1) for kv in kvs), tuple(kv.v[:, :B].transpose(0, 2, 1, 3)
                                                                                 for kv in kvs)
@@ -147,20 +147,20 @@ def _block_prefix(model: SDARModel, s: _State, shape: DecodeShape, fused: bool):
     return jnp.pad(x, ((0, 0), (B, 0), (0, 0))), prev_k, prev_v
 
 
-def _window_forward(model: SDARModel, s: _State, shape: DecodeShape, fused: jax.Array, score: Callable):
+def _window_forward(model: SDARModel, s: _State, shape: DecodeShape, fused: jax.Array, score: Callable, rope: Rope):
     """One forward of the current block, after the previous one (clean) where `fused` [scalar
     bool]: `score(final_hidden)` of its slots (`_score_masked`) and the previous block's keys and
     values in the cache layouts (meaningful only for the sequences that write it). The window is
     always 2·B slots for the last layer: without a write its first B slots are zero states in
     segment 0, invisible, which only the last layer's keys/values pay for."""
     B, n_layers = shape.block_size, model.cfg.num_layers
-    x, prev_k, prev_v = jax.lax.cond(fused, lambda s: _block_prefix(model, s, shape, True),
-                                     lambda s: _block_prefix(model, s, shape, False), s)
+    x, prev_k, prev_v = jax.lax.cond(fused, lambda s: _block_prefix(model, s, shape, True, rope),
+                                     lambda s: _block_prefix(model, s, shape, False, rope), s)
     pos, layout = _window_layout(s, shape, s.write_prev & fused)
     cache = KVCache(s.k, s.v, s.cached * B)
 
     def final_hidden(slots):  # block slots [b, w] -> their final states; the last layer asks for their queries only
-        h, last = model.run_layers(x, pos, layout, range(n_layers - 1, n_layers), cache, shape.cache_tile,
+        h, last = model.run_layers(x, rope.at(pos), layout, range(n_layers - 1, n_layers), cache, shape.cache_tile,
                                    rows=slots + B)
         return model.norm(h), last
 
@@ -223,7 +223,7 @@ def _score_masked(model: SDARModel, final_hidden: Callable, masked, keys, step, 
 
 
 def _decode_step(model: SDARModel, s: _State, prompt_len, limit, keys, settings: TracedSettings,
-                 shape: DecodeShape) -> _State:
+                 shape: DecodeShape, rope: Rope) -> _State:
     """One forward: score the current block, commit slots, write the previous block, finish blocks."""
     B = shape.block_size
     threshold, min_new = settings.threshold, settings.min_new_tokens
@@ -241,7 +241,7 @@ def _decode_step(model: SDARModel, s: _State, prompt_len, limit, keys, settings:
     step = s.counter + 1
     score = functools.partial(_score_masked, model, masked=masked, keys=keys, step=step, suppress=suppress,
                               settings=settings, shape=shape)
-    (chosen, conf, raw), prev_k, prev_v = _window_forward(model, s, shape, jnp.any(s.write_prev & active), score)
+    (chosen, conf, raw), prev_k, prev_v = _window_forward(model, s, shape, jnp.any(s.write_prev & active), score, rope)
     s = _write_prev_block(s, prev_k, prev_v, shape)
     commit = select_slots(masked, conf, threshold, shape.strategy, shape.commit_k)
     new_tok = jnp.where(commit, chosen, cur_tok)
@@ -272,11 +272,13 @@ def generate_loop(graphdef, params, prompt, prompt_len, limit, keys, done, setti
     cut (0 = length finish), the finish flag and the decode forwards run."""
     model: SDARModel = nnx.merge(graphdef, params)
     s = _prefill(model, prompt, prompt_len, done, shape)
+    # rotary tables of every cache position, built once: each forward gathers its window's rows
+    rope = Rope.of(model.cfg, jnp.arange(shape.cache_len, dtype=jnp.int32)[None])
     max_iters = (shape.cache_len // shape.block_size + 1) * (shape.block_size + 1)
 
     def body(carry):
         it, s = carry
-        return it + 1, _decode_step(model, s, prompt_len, limit, keys, settings, shape)
+        return it + 1, _decode_step(model, s, prompt_len, limit, keys, settings, shape, rope)
 
     def cond(carry):
         it, s = carry
