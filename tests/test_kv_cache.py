@@ -60,7 +60,8 @@ def test_last_layer_rows_equal_the_full_forward(rng):
 
     @nnx.jit(static_argnums=(1,))
     def run(model, with_cache, rows):
-        return model.run_layers(model.embed(tokens), Rope.of(model.cfg, pos), layout, layers, cache if with_cache else None, tile, rows)
+        return model.run_layers(model.embed(tokens), Rope.of(model.cfg, pos), layout, layers,
+                                cache if with_cache else None, tile, rows)
 
     for with_cache in (True, False):
         (full, full_kv), (some, some_kv) = run(model, with_cache, None), run(model, with_cache, rows)

@@ -187,7 +187,8 @@ class Attention(nnx.Module):
         dt = x.dtype
         q_x, q_rope, q_layout = x, rope, layout
         if rows is not None:
-            q_x, q_rope, q_layout = take_rows(x, rows), rope.rows(rows), TokenLayout(*(take_rows(a, rows) for a in layout))
+            q_x, q_rope = take_rows(x, rows), rope.rows(rows)
+            q_layout = TokenLayout(*(take_rows(a, rows) for a in layout))
 
         def project(x, w):  # x [b, l, hidden] @ w [hidden, heads, head_dim] -> [b, l, heads, head_dim]
             return linear(x, w.reshape(w.shape[0], -1).astype(dt)).reshape(*x.shape[:2], *w.shape[1:])
@@ -266,8 +267,8 @@ class SDARModel(nnx.Module):
         """tokens, positions int [batch, length] -> (final hidden [batch, length, hidden],
         per-layer keys/values of these tokens). `cache` holds keys/values of earlier clean blocks
         that every token sees (a sampler's), walked in tiles of `cache_tile` positions."""
-        x, kvs = self.run_layers(self.embed(tokens), Rope.of(self.cfg, positions), layout, range(self.cfg.num_layers), cache,
-                                 cache_tile)
+        rope = Rope.of(self.cfg, positions)
+        x, kvs = self.run_layers(self.embed(tokens), rope, layout, range(self.cfg.num_layers), cache, cache_tile)
         return self.norm(x), kvs
 
     def embed(self, tokens: jax.Array) -> jax.Array:
