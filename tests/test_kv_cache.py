@@ -1,5 +1,6 @@
 """The sampler's decode attention over a KV cache against dense softmax attention in numpy; the
-model's last layer asked for a few tokens only against the full forward."""
+model's last layer asked for a few tokens only against the full forward; rotary rows gathered from
+the sampler's table against those computed from their positions."""
 
 import jax.numpy as jnp
 import numpy as np
