@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gtpo_jax.model import KVCache, ModelConfig, Rope, TokenLayout, init_model
+from gtpo_jax.model import KVCache, ModelConfig, Rope, TokenLayout, init_model, split_tiles
 from gtpo_jax.model.kv_cache import cached_attention
 
 
@@ -22,9 +22,10 @@ def test_cached_attention_matches_dense_numpy(rng):
     seg = np.ones((b, lq), np.int32)
     seg[1, :B] = 0
     block = np.repeat([[10, 11]], b, 0).repeat(B, 1)
+    tiles_k, tiles_v = split_tiles(jnp.asarray(ck.transpose(0, 1, 3, 2)), jnp.asarray(cv), tile)
     got = cached_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
                            TokenLayout(jnp.asarray(seg), jnp.asarray(block), jnp.zeros((b, lq), jnp.int32)),
-                           jnp.asarray(ck.transpose(0, 1, 3, 2)), jnp.asarray(cv), jnp.asarray(lengths), tile=tile)
+                           tiles_k, tiles_v, jnp.asarray(lengths))
 
     want = np.zeros_like(q)
     for i in range(b):
@@ -54,15 +55,15 @@ def test_last_layer_rows_equal_the_full_forward(rng):
     layout = TokenLayout(seg, pos // B, jnp.zeros((b, n), jnp.int32))
     rows = jnp.asarray([[4, 6, 7], [5, 4, 0], [0, 3, 7]], jnp.int32)  # any order; row 1 asks for padding
     shape = (b, model.cfg.num_kv_heads, capacity, model.cfg.head_dim)
-    cache = KVCache(tuple(jnp.asarray(rng.standard_normal(shape), jnp.float32).swapaxes(2, 3) for _ in range(3)),
-                    tuple(jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(3)),
-                    jnp.asarray([12, 0, 9], jnp.int32))
+    k, v = zip(*(split_tiles(jnp.asarray(rng.standard_normal(shape), jnp.float32).swapaxes(2, 3),
+                             jnp.asarray(rng.standard_normal(shape), jnp.float32), tile) for _ in range(3)))
+    cache = KVCache(k, v, jnp.asarray([12, 0, 9], jnp.int32))
     layers = range(model.cfg.num_layers)
 
     @nnx.jit(static_argnums=(1,))
     def run(model, with_cache, rows):
         return model.run_layers(model.embed(tokens), Rope.of(model.cfg, pos), layout, layers,
-                                cache if with_cache else None, tile, rows)
+                                cache if with_cache else None, rows)
 
     for with_cache in (True, False):
         (full, full_kv), (some, some_kv) = run(model, with_cache, None), run(model, with_cache, rows)

@@ -9,7 +9,7 @@ from flax import nnx
 
 from gtpo_jax.model.attention import TokenLayout, block_causal_attention, visibility
 from gtpo_jax.model.config import ModelConfig, ModelConfigError
-from gtpo_jax.model.kv_cache import KVCache
+from gtpo_jax.model.kv_cache import KVCache, split_tiles
 from gtpo_jax.model.params import CheckpointMismatchError
 from gtpo_jax.model.sdar import LayerKV, Rope, SDARModel, init_model
 
@@ -26,6 +26,7 @@ __all__ = [
     "init_model",
     "model_from_params",
     "params_of",
+    "split_tiles",
     "visibility",
 ]
 

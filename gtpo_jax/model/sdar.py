@@ -17,7 +17,7 @@ from flax import nnx
 
 from gtpo_jax.model.attention import TokenLayout, block_causal_attention
 from gtpo_jax.model.config import ModelConfig
-from gtpo_jax.model.kv_cache import KVCache, cached_attention
+from gtpo_jax.model.kv_cache import KVCache, Tiles, cached_attention
 from gtpo_jax.sharding import constrain_batch
 
 
@@ -29,12 +29,11 @@ class LayerKV(NamedTuple):
 
 
 class LayerCache(NamedTuple):
-    """One layer's view of a `KVCache` (k, v [batch, kv_heads, capacity, head_dim])."""
+    """One layer's view of a `KVCache`: its key and value tiles and the filled length [batch]."""
 
-    k: jax.Array
-    v: jax.Array
+    k: Tiles
+    v: Tiles
     length: jax.Array
-    tile: int
 
 
 @jax.custom_vjp
@@ -200,8 +199,8 @@ class Attention(nnx.Module):
             q_tile, kv_tile = self.cfg.attention_tiles(x.shape[1])  # by the row's length (the kernel clips to rows=)
             out = block_causal_attention(q, k, v, q_layout, layout, q_tile=q_tile, kv_tile=kv_tile)
         else:
-            out = cached_attention(q, k, v, q_layout, cache.k.astype(dt), cache.v.astype(dt), cache.length,
-                                   tile=cache.tile, kv_layout=layout)
+            out = cached_attention(q, k, v, q_layout, tuple(t.astype(dt) for t in cache.k),
+                                   tuple(t.astype(dt) for t in cache.v), cache.length, kv_layout=layout)
         o_proj = self.o_proj[...]
         o = linear(out.reshape(*out.shape[:2], -1), o_proj.reshape(-1, o_proj.shape[-1]).astype(dt))
         return o, LayerKV(k, v)
@@ -262,13 +261,12 @@ class SDARModel(nnx.Module):
         positions: jax.Array,
         layout: TokenLayout,
         cache: KVCache | None = None,
-        cache_tile: int = 0,
     ) -> tuple[jax.Array, tuple[LayerKV, ...]]:
         """tokens, positions int [batch, length] -> (final hidden [batch, length, hidden],
         per-layer keys/values of these tokens). `cache` holds keys/values of earlier clean blocks
-        that every token sees (a sampler's), walked in tiles of `cache_tile` positions."""
+        that every token sees (a sampler's)."""
         rope = Rope.of(self.cfg, positions)
-        x, kvs = self.run_layers(self.embed(tokens), rope, layout, range(self.cfg.num_layers), cache, cache_tile)
+        x, kvs = self.run_layers(self.embed(tokens), rope, layout, range(self.cfg.num_layers), cache)
         return self.norm(x), kvs
 
     def embed(self, tokens: jax.Array) -> jax.Array:
@@ -276,8 +274,7 @@ class SDARModel(nnx.Module):
         return constrain_batch(jnp.take(self.embed_tokens[...], tokens, axis=0).astype(jnp.dtype(self.cfg.dtype)))
 
     def run_layers(self, x: jax.Array, rope: Rope, layout: TokenLayout, layers: range,
-                   cache: KVCache | None = None, cache_tile: int = 0,
-                   rows: jax.Array | None = None) -> tuple[jax.Array, tuple[LayerKV, ...]]:
+                   cache: KVCache | None = None, rows: jax.Array | None = None) -> tuple[jax.Array, tuple[LayerKV, ...]]:
         """The decoder layers `layers` on hidden states x [batch, length, hidden] -> (their output,
         their keys/values of these tokens). With `rows` [batch, n] (token indices) the last of them
         computes queries, attention output and MLP for those tokens only, whose states come back
@@ -286,7 +283,7 @@ class SDARModel(nnx.Module):
         new_kvs = []
         for i in layers:
             layer, layer_rows = self.layers[i], rows if i == layers[-1] else None
-            layer_ctx = None if cache is None else LayerCache(cache.k[i], cache.v[i], cache.length, cache_tile)
+            layer_ctx = None if cache is None else LayerCache(cache.k[i], cache.v[i], cache.length)
             if self.cfg.remat != "none" and cache is None:  # remat serves gradients; decoding has none
                 call = nnx.remat(
                     lambda lyr, x, rope, lay, ctx, r: lyr(x, rope, lay, ctx, r),

@@ -1,8 +1,9 @@
-"""The jitted decode loop: the whole generation of a batch is one `lax.while_loop` on the device.
+"""The jitted decode loop: the whole generation of a batch is a prefill program and one
+`lax.while_loop` on the device.
 
 Every iteration runs one forward of the current block's B slots per sequence on top of a
-preallocated KV cache of finished blocks (`gtpo_jax.model.KVCache`; attention reads only its
-filled part). A block that has just completed is clean and its keys/values must enter the cache:
+preallocated KV cache of finished blocks (`gtpo_jax.model.KVCache`, in tiles; attention reads
+only the filled ones). A block that has just completed is clean and its keys/values must enter the cache:
 in iterations where some sequence has such a block, the forward runs 2·B slots instead — the
 previous block, clean, in slots [0, B) (segment 0, invisible, for sequences that have nothing to
 write), then the current block — so the write costs no extra forward (LMDeploy spends one).
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gtpo_jax.model import KVCache, Rope, SDARModel, TokenLayout
+from gtpo_jax.model import KVCache, Rope, SDARModel, TokenLayout, split_tiles
 from gtpo_jax.sampling.rules import score_slots, select_slots
 from gtpo_jax.sharding import BATCH_AXES
 
@@ -69,8 +70,8 @@ class _State(NamedTuple):
     steps: jax.Array  # [b, L] int32: the forward (1-based) that committed each slot, 0 = not generated
     logp: jax.Array  # [b, L] float32: raw log-prob of each committed token
     conf: jax.Array  # [b, L] float32: its confidence
-    k: tuple[jax.Array, ...]  # per layer [b, kv_heads, head_dim, L] (the KVCache layouts)
-    v: tuple[jax.Array, ...]  # per layer [b, kv_heads, L, head_dim]
+    k: tuple  # per layer its key tiles (`KVCache`; whole [b, kv_heads, head_dim, L] arrays out of the prefill)
+    v: tuple  # per layer its value tiles (whole [b, kv_heads, L, head_dim] arrays out of the prefill)
     block: jax.Array  # [b]: the block being decoded
     cached: jax.Array  # [b]: blocks in the cache (block - 1 while the previous one waits to be written)
     write_prev: jax.Array  # [b] bool: the previous block is complete and not cached yet
@@ -96,7 +97,8 @@ def _put_rows(array: jax.Array, values: jax.Array, start: jax.Array, axis: int =
 
 
 def _prefill(model: SDARModel, prompt, prompt_len, done, shape: DecodeShape) -> _State:
-    """The prompt's full blocks enter the cache; its partial block is decoded in place."""
+    """The prompt's full blocks enter the cache, here as one array per layer for keys and for
+    values (the decode program splits them into tiles); its partial block is decoded in place."""
     cfg, (b, pb, L) = model.cfg, (shape.batch, shape.prompt_len, shape.cache_len)
     first_block = prompt_len // shape.block_size
     pos = jnp.broadcast_to(jnp.arange(pb, dtype=jnp.int32), (b, pb))
@@ -138,12 +140,12 @@ def _block_prefix(model: SDARModel, s: _State, shape: DecodeShape, fused: bool, 
     pos, layout = _window_layout(s, shape, s.write_prev if fused else None)
     tok = jnp.take_along_axis(s.tokens, pos, axis=1)
     x, kvs = model.run_layers(model.embed(tok), rope.at(pos), layout, range(n_layers - 1),
-                              KVCache(s.k, s.v, s.cached * B), shape.cache_tile)
+                              KVCache(s.k, s.v, s.cached * B))
     if fused:
         return x, tuple(kv.k[:, :B].transpose(0, 2, 3, 1) for kv in kvs), tuple(kv.v[:, :B].transpose(0, 2, 1, 3)
                                                                                 for kv in kvs)
-    prev_k = tuple(jnp.zeros(c.shape[:3] + (B,), c.dtype) for c in s.k[: n_layers - 1])
-    prev_v = tuple(jnp.zeros(c.shape[:2] + (B,) + c.shape[3:], c.dtype) for c in s.v[: n_layers - 1])
+    prev_k = tuple(jnp.zeros(c.shape[:3] + (B,), c.dtype) for c, *_ in s.k[: n_layers - 1])
+    prev_v = tuple(jnp.zeros(c.shape[:2] + (B,) + c.shape[3:], c.dtype) for c, *_ in s.v[: n_layers - 1])
     return jnp.pad(x, ((0, 0), (B, 0), (0, 0))), prev_k, prev_v
 
 
@@ -160,8 +162,7 @@ def _window_forward(model: SDARModel, s: _State, shape: DecodeShape, fused: jax.
     cache = KVCache(s.k, s.v, s.cached * B)
 
     def final_hidden(slots):  # block slots [b, w] -> their final states; the last layer asks for their queries only
-        h, last = model.run_layers(x, rope.at(pos), layout, range(n_layers - 1, n_layers), cache, shape.cache_tile,
-                                   rows=slots + B)
+        h, last = model.run_layers(x, rope.at(pos), layout, range(n_layers - 1, n_layers), cache, rows=slots + B)
         return model.norm(h), last
 
     scores, (last,) = score(final_hidden)
@@ -169,15 +170,26 @@ def _window_forward(model: SDARModel, s: _State, shape: DecodeShape, fused: jax.
 
 
 def _write_prev_block(s: _State, prev_k, prev_v, shape: DecodeShape) -> _State:
-    """The previous block's clean keys/values enter the cache of the sequences that wait for it."""
-    B = shape.block_size
+    """The previous block's clean keys/values enter the cache of the sequences that wait for it.
+    A block lies inside one tile (tiles are whole blocks); tiles that no sequence writes stay
+    untouched."""
+    B, t = shape.block_size, shape.cache_tile
     write = s.write_prev & ~s.done
     at = jnp.maximum(s.block - 1, 0) * B
-    keep = write[:, None, None, None]
 
-    def put(cache, new, axis):  # `axis` of the batched cache holds positions
-        old = jax.vmap(lambda c, a: jax.lax.dynamic_slice_in_dim(c, a, B, axis=axis - 1))(cache, at)
-        return _constrain(_put_rows(cache, jnp.where(keep, new.astype(cache.dtype), old), at, axis=axis), shape)
+    def put(tiles, new, axis):  # `axis` of a batched tile holds positions
+        def into(tile, j):
+            here = write & (at // t == j)
+            offset = jnp.clip(at - j * t, 0, t - B)
+
+            def write_rows(tile):
+                old = jax.vmap(lambda c, a: jax.lax.dynamic_slice_in_dim(c, a, B, axis=axis - 1))(tile, offset)
+                rows = jnp.where(here[:, None, None, None], new.astype(tile.dtype), old)
+                return _constrain(_put_rows(tile, rows, offset, axis=axis), shape)
+
+            return jax.lax.cond(jnp.any(here), write_rows, lambda tile: tile, tile)
+
+        return tuple(into(tile, j) for j, tile in enumerate(tiles))
 
     return s._replace(k=tuple(put(c, n, 3) for c, n in zip(s.k, prev_k)),
                       v=tuple(put(c, n, 2) for c, n in zip(s.v, prev_v)), cached=s.cached + write)
@@ -267,14 +279,17 @@ def _decode_step(model: SDARModel, s: _State, prompt_len, limit, keys, settings:
                       done=s.done | stopped | length_end, block=j + advance, write_prev=advance)
 
 
-def generate_loop(graphdef, params, prompt, prompt_len, limit, keys, done, settings: TracedSettings,
-                  shape: DecodeShape) -> dict:
-    """prompt [b, Pb] (mask-padded), prompt_len / limit (= P + max_new) [b], keys [b] PRNG keys,
-    done [b] (padding rows).
-    Returns per-slot tokens / steps / raw log-probs / confidences [b, L] and per sequence the stop
-    cut (0 = length finish), the finish flag and the decode forwards run."""
+def _prefill_program(graphdef, params, prompt, prompt_len, done, shape: DecodeShape) -> _State:
+    return _prefill(nnx.merge(graphdef, params), prompt, prompt_len, done, shape)
+
+
+def _decode_program(graphdef, params, s: _State, prompt_len, limit, keys, settings: TracedSettings,
+                    shape: DecodeShape) -> dict:
+    """The decode loop from the prefill's state: splits the cache into tiles, then one forward per
+    iteration until every sequence is done."""
     model: SDARModel = nnx.merge(graphdef, params)
-    s = _prefill(model, prompt, prompt_len, done, shape)
+    k, v = zip(*(split_tiles(k, v, shape.cache_tile) for k, v in zip(s.k, s.v)))
+    s = s._replace(k=tuple(_constrain_tiles(t, shape) for t in k), v=tuple(_constrain_tiles(t, shape) for t in v))
     # rotary tables of every cache position, built once: each forward gathers its window's rows
     rope = Rope.of(model.cfg, jnp.arange(shape.cache_len, dtype=jnp.int32)[None])
     max_iters = (shape.cache_len // shape.block_size + 1) * (shape.block_size + 1)
@@ -292,4 +307,24 @@ def generate_loop(graphdef, params, prompt, prompt_len, limit, keys, done, setti
                 forwards=s.counter)
 
 
-generate_loop_jit = jax.jit(generate_loop, static_argnames=("graphdef", "shape"))
+def _constrain_tiles(tiles, shape: DecodeShape):
+    return tuple(_constrain(t, shape) for t in tiles)
+
+
+_prefill_jit = jax.jit(_prefill_program, static_argnames=("graphdef", "shape"))
+_decode_jit = jax.jit(_decode_program, static_argnames=("graphdef", "shape"))
+
+
+def generate_loop(graphdef, params, prompt, prompt_len, limit, keys, done, settings: TracedSettings,
+                  shape: DecodeShape) -> dict:
+    """prompt [b, Pb] (mask-padded), prompt_len / limit (= P + max_new) [b], keys [b] PRNG keys,
+    done [b] (padding rows).
+    Returns per-slot tokens / steps / raw log-probs / confidences [b, L] and per sequence the stop
+    cut (0 = length finish), the finish flag and the decode forwards run.
+
+    Two compiled programs, the prefill and the decode loop, which hands the cache over as whole
+    arrays. Compiled as one, XLA fuses the last layer's rotary embedding into the per-tile copies
+    and rounds it differently (log-probs move by ~1e-5): apart, the outputs stay bit for bit those
+    of the single-array cache that earlier runs and their recorded results used."""
+    s = _prefill_jit(graphdef, params, prompt, prompt_len, done, shape=shape)
+    return _decode_jit(graphdef, params, s, prompt_len, limit, keys, settings, shape=shape)

@@ -27,18 +27,18 @@ from jax.sharding import Mesh
 from gtpo_jax.data.tokenizer import TokenIds
 from gtpo_jax.model import SDARModel
 from gtpo_jax.rounding import round_up
-from gtpo_jax.sampling.decode import DecodeShape, TracedSettings, generate_loop_jit
+from gtpo_jax.sampling.decode import DecodeShape, TracedSettings, generate_loop
 from gtpo_jax.sampling.decoding import STRATEGIES, DecodingConfig
 from gtpo_jax.sharding import BATCH_AXES, shard_batch, to_host
 
 log = logging.getLogger("gtpo_jax")
 
-# Cache positions the decode attention reads per tile: the cost follows the filled length in
-# steps of a tile (smaller tiles waste less, larger ones loop less). A cache is walked in about
-# CACHE_TILES tiles of CACHE_TILE_MIN to CACHE_TILE_MAX positions: a short cache (128 new tokens:
-# tiles of 32) reads little past its filled part, a long one loops less (on one CPU core, tiles of
-# 32 read 40 filled positions in 0.6x the time of tiles of 128, 1000 in 1.4x).
-CACHE_TILES, CACHE_TILE_MIN, CACHE_TILE_MAX = 8, 32, 128
+# Cache positions per tile (`gtpo_jax.model.KVCache`): the decode attention reads the filled part
+# in whole tiles, each step of it unrolled in the compiled loop. A cache is split into at most
+# CACHE_TILES tiles of at least CACHE_TILE_MIN positions: a short cache (128 new tokens: 6 tiles
+# of 32) reads little past its filled part, a long one (1 024 new tokens: 9 tiles of 128) runs
+# few steps; at 1 024 new tokens on one CPU core, 9 tiles of 128 decode 1.09x faster than 5 of 256.
+CACHE_TILES, CACHE_TILE_MIN = 16, 32
 # (DecodeShape, graphdef) pairs the decode loop was compiled for in this process: the jitted
 # loop's cache is shared by every sampler (an evaluation's sampler reuses the rollouts' shapes).
 _COMPILED: set = set()
@@ -128,7 +128,7 @@ class BlockDiffusionSampler:
         c, B = self.config, self.config.block_size
         pb = _next_pow2(max(max_prompt, 8)) if max_prompt <= 256 else round_up(max_prompt, 256)
         need = pb + round_up(c.max_new_tokens, B) + B  # the last window ends before pb + max_new + B
-        tile = min(CACHE_TILE_MAX, max(CACHE_TILE_MIN, _next_pow2(need) // CACHE_TILES), _next_pow2(need))
+        tile = min(max(CACHE_TILE_MIN, _next_pow2(need) // CACHE_TILES), _next_pow2(need))
         return DecodeShape(batch, pb, round_up(need, tile), tile, B, c.mask_id, c.stop_ids, c.strategy, c.commit_k,
                            c.top_k, c.top_p < 1.0, c.greedy, self.mesh)
 
@@ -184,14 +184,14 @@ class BlockDiffusionSampler:
         base = jax.random.PRNGKey(seed)
         keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(batch) + first_index)
         graphdef, params = nnx.split(self.model)
-        if (shape, graphdef) not in _COMPILED:  # what generate_loop_jit's cache holds, for every sampler
+        if (shape, graphdef) not in _COMPILED:  # what the jitted programs' caches hold, for every sampler
             _COMPILED.add((shape, graphdef))
             log.info("sampler: compiling for batch %d, prompt bucket %d, cache length %d (%s)",
                      batch, pb, shape.cache_len, c.strategy)
         args = (prompt, plen, limit, keys, done)
         if self.mesh is not None:
             args = shard_batch(args, self.mesh)
-        out = to_host(generate_loop_jit(graphdef, params, *args, c.traced_settings(), shape=shape))
+        out = to_host(generate_loop(graphdef, params, *args, c.traced_settings(), shape=shape))
         if not out["done"][:n].all():
             raise RuntimeError("sampler loop ended before every sequence finished (internal error)")
         result = SampleBatch([], [], [], [], [], [], [], [])
