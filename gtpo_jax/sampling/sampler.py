@@ -34,11 +34,13 @@ from gtpo_jax.sharding import BATCH_AXES, shard_batch, to_host
 log = logging.getLogger("gtpo_jax")
 
 # Cache positions per tile (`gtpo_jax.model.KVCache`): the decode attention reads the filled part
-# in whole tiles, each step of it unrolled in the compiled loop. A cache is split into at most
-# CACHE_TILES tiles of at least CACHE_TILE_MIN positions: a short cache (128 new tokens: 6 tiles
-# of 32) reads little past its filled part, a long one (1 024 new tokens: 9 tiles of 128) runs
-# few steps; at 1 024 new tokens on one CPU core, 9 tiles of 128 decode 1.09x faster than 5 of 256.
-CACHE_TILES, CACHE_TILE_MIN = 16, 32
+# in whole tiles, and every tile's step is unrolled in the compiled loop, so compile time grows
+# with the count (a tiny model's sampler: 10.3 / 11.6 / 13.5 CPU-s with 3 / 5 / 9 tiles; 8.5-8.9
+# when the tiles were a loop over one array, whose copies cost more at run time). A cache is
+# split into at most CACHE_TILES tiles of at least CACHE_TILE_MIN positions: a short cache (128
+# new tokens: 6 tiles of 32) reads little past its filled part, a long one steps through few
+# tiles (1 024 new tokens: 5 of 256; 9 of 128 would decode 1.09x faster on one CPU core).
+CACHE_TILES, CACHE_TILE_MIN = 8, 32
 # (DecodeShape, graphdef) pairs the decode loop was compiled for in this process: the jitted
 # loop's cache is shared by every sampler (an evaluation's sampler reuses the rollouts' shapes).
 _COMPILED: set = set()
