@@ -273,8 +273,8 @@ class SDARModel(nnx.Module):
         """Input embeddings [batch, length, hidden] in the compute dtype."""
         return constrain_batch(jnp.take(self.embed_tokens[...], tokens, axis=0).astype(jnp.dtype(self.cfg.dtype)))
 
-    def run_layers(self, x: jax.Array, rope: Rope, layout: TokenLayout, layers: range,
-                   cache: KVCache | None = None, rows: jax.Array | None = None) -> tuple[jax.Array, tuple[LayerKV, ...]]:
+    def run_layers(self, x: jax.Array, rope: Rope, layout: TokenLayout, layers: range, cache: KVCache | None = None,
+                   rows: jax.Array | None = None) -> tuple[jax.Array, tuple[LayerKV, ...]]:
         """The decoder layers `layers` on hidden states x [batch, length, hidden] -> (their output,
         their keys/values of these tokens). With `rows` [batch, n] (token indices) the last of them
         computes queries, attention output and MLP for those tokens only, whose states come back
