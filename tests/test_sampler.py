@@ -316,3 +316,22 @@ def test_masked_slot_scores_equal_whole_block_scores(model, greedy):
         np.testing.assert_array_equal(np.asarray(got[0])[m], np.asarray(want[0])[m], err_msg=f"tokens, {pattern}")
         for g, w in zip(got[1:], want[1:]):
             np.testing.assert_allclose(np.asarray(g)[m], np.asarray(w)[m], atol=1e-5, rtol=0, err_msg=str(pattern))
+
+
+def test_cache_tiles_bounded_and_demo_caches_keep_32(model):
+    """Every cache holds whole blocks in at most 8 tiles (each tile's step is unrolled in the
+    compiled loop) and covers prompt + max_new_tokens; the CPU demo's caches (prompts of at most
+    64 tokens, 48 or 52 new tokens: configs/*_tiny.yaml and the ramble task of
+    scripts/demo_seeds.py) keep tiles of 32 positions, the size their recorded runs were decoded
+    with: another tile size folds the online softmax over other groups of positions, which moves
+    log-probs by round-off and with them every demo table."""
+    for new in (4, 48, 52, 128, 352, 1024, 4096):
+        sampler = BlockDiffusionSampler(model, config(max_new_tokens=new))
+        for prompt in (5, 37, 64, 300, 1000):
+            shape = sampler.decode_shape(8, prompt)
+            assert shape.cache_tile % B == 0 and shape.cache_len % shape.cache_tile == 0
+            assert shape.cache_len // shape.cache_tile <= 8, (new, prompt, shape.cache_len, shape.cache_tile)
+            assert shape.cache_len >= prompt + new
+    for new in (48, 52):
+        for prompt in (20, 55, 64):
+            assert BlockDiffusionSampler(model, config(max_new_tokens=new)).decode_shape(16, prompt).cache_tile == 32
