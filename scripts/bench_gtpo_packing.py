@@ -4,7 +4,7 @@ Loads a GTPO config (default: the CPU demo's, from its SFT checkpoint), draws on
 generates their rollouts with the configured engine, lays the same rollouts out twice — rows of
 `layout.gtpo_row_len` (every block decoded one token per forward, as before) and rows fitted by
 `layout.fitted_row_shape` (now) — and times the jitted update step on each, in this one process
-(compile excluded, median of --repeats). Useful tokens: the rows the rollouts fill.
+(compile excluded, the two layouts' updates alternated, median of --repeats). Useful tokens: the rows the rollouts fill.
 Usage: python scripts/bench_gtpo_packing.py [--config configs/gtpo_tiny.yaml] [key=value ...]
 """
 
@@ -21,9 +21,23 @@ from gtpo_jax.config import Config
 from gtpo_jax.config_loader import load_config
 from gtpo_jax.data.pipeline import RLPromptSource
 from gtpo_jax.layout import gtpo_row_len
+from gtpo_jax.model import TokenLayout
+from gtpo_jax.model.attention import tile_classes
 from gtpo_jax.trainers.gtpo import rollout_backend
 from gtpo_jax.trainers.gtpo_objective import build_gtpo_batch, group_advantages, gtpo_loss_fn
 from gtpo_jax.trainers.session import TrainingSession
+
+
+def computed_pairs(arrays: dict, tile: int) -> tuple[float, float]:
+    """Shares of the attention kernel's (query tile, key tile) pairs that are computed (not
+    skipped): as the kernel classes them, one class per micro-batch, and had each row its own."""
+    shared, per_row = [], []
+    for mb in range(arrays["tokens"].shape[0]):
+        ids = TokenLayout(*(np.asarray(arrays[k][mb]) for k in ("segment", "block", "copy"))).tiles(tile)
+        shared.append(float(np.mean(np.asarray(tile_classes(ids, ids)) > 0)))
+        rows = [TokenLayout(*(a[:, r : r + 1] for a in ids)) for r in range(ids.segment.shape[1])]
+        per_row.append(float(np.mean([np.mean(np.asarray(tile_classes(r, r)) > 0) for r in rows])))
+    return float(np.mean(shared)), float(np.mean(per_row))
 
 
 def measure(session, cfg, repeats: int, steps: int) -> list[dict]:
@@ -43,21 +57,26 @@ def measure(session, cfg, repeats: int, steps: int) -> list[dict]:
         for r, a in zip(rollouts, advantages.reshape(-1)):
             r.advantage = float(a)
         worst = gtpo_row_len(session.ids.block_size, cfg.decoding.max_new_tokens, max(len(r.prompt) for r in rollouts))
+        layouts = {}
         for label, row_len in (("worst-case rows", worst), ("fitted rows", None)):
-            batch = build_gtpo_batch(rollouts, block_size=session.ids.block_size, mask_id=session.ids.mask_id,
-                                     shrink=g.shrink, loss_norm=g.loss_norm, micro_batches=cfg.train.micro_batches,
-                                     vocab_chunk=cfg.train.vocab_chunk, row_len=row_len, max_row_len=worst,
-                                     rows_multiple=session.data_parallel)
-            session.update(batch.arrays)  # compile (and warm up)
-            times = []
-            for _ in range(repeats):
+            layouts[label] = build_gtpo_batch(
+                rollouts, block_size=session.ids.block_size, mask_id=session.ids.mask_id, shrink=g.shrink,
+                loss_norm=g.loss_norm, micro_batches=cfg.train.micro_batches, vocab_chunk=cfg.train.vocab_chunk,
+                row_len=row_len, max_row_len=worst, rows_multiple=session.data_parallel)
+            session.update(layouts[label].arrays)  # compile (and warm up)
+        times = {label: [] for label in layouts}
+        for _ in range(repeats):  # alternated, so that both layouts see the same machine
+            for label, batch in layouts.items():
                 t = time.perf_counter()
                 session.update(batch.arrays)
-                times.append(time.perf_counter() - t)
+                times[label].append(time.perf_counter() - t)
+        for label, batch in layouts.items():
             rows.append({"step": step, "layout": label, "shape": tuple(batch.arrays["tokens"].shape),
                          "targets": batch.arrays["target_valid"].shape[-1],
                          "packing_efficiency": batch.sample_tokens / batch.row_tokens,
-                         "update_s": statistics.median(times),
+                         "update_s": statistics.median(times[label]),
+                         "pairs": computed_pairs(batch.arrays, session.model_cfg.attention_tiles(
+                             batch.arrays["tokens"].shape[-1])[0]),
                          "response_tokens": int(sum(len(r.tokens) for r in rollouts))})
     backend.close()
     return rows
@@ -75,13 +94,15 @@ def main() -> None:
             cfg.data.train_files, s.tokenizer, seed=cfg.data.shuffle_seed, think=cfg.data.think))
         session.restore_or_init()
         rows = session.run(lambda s: measure(s, cfg, args.repeats, args.steps))
-    print("| step | layout | rows × row_len (micro-batches) | targets | packing efficiency | update s (median) | "
-          "response tok/s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| step | layout | rows × row_len (micro-batches) | targets | packing efficiency | attention pairs "
+          "computed (per-row classes) | update s (median) | response tok/s |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         m, n, w = r["shape"]
+        shared, per_row = r["pairs"]
         print(f"| {r['step']} | {r['layout']} | {n} × {w} ({m}) | {r['targets']} | {100 * r['packing_efficiency']:.1f}% "
-              f"| {r['update_s']:.3f} | {r['response_tokens'] / r['update_s']:.0f} |")
+              f"| {100 * shared:.0f}% ({100 * per_row:.0f}%) | {r['update_s']:.3f} | "
+              f"{r['response_tokens'] / r['update_s']:.0f} |")
     for step in sorted({r["step"] for r in rows}):
         before, after = [r for r in rows if r["step"] == step]
         print(f"step {step}: fitted rows take {after['update_s'] / before['update_s']:.2f}× the update time "
