@@ -4,7 +4,8 @@ Loads a GTPO config (default: the CPU demo's, from its SFT checkpoint), draws on
 generates their rollouts with the configured engine, lays the same rollouts out twice — rows of
 `layout.gtpo_row_len` (every block decoded one token per forward, as before) and rows fitted by
 `layout.fitted_row_shape` (now) — and times the jitted update step on each, in this one process
-(compile excluded, the two layouts' updates alternated, median of --repeats). Useful tokens: the rows the rollouts fill.
+(compile excluded, the two layouts' updates alternated, median of --repeats). Useful tokens: the
+rows the rollouts fill.
 Usage: python scripts/bench_gtpo_packing.py [--config configs/gtpo_tiny.yaml] [key=value ...]
 """
 
@@ -23,20 +24,24 @@ from gtpo_jax.data.pipeline import RLPromptSource
 from gtpo_jax.layout import gtpo_row_len
 from gtpo_jax.model import TokenLayout
 from gtpo_jax.model.attention import tile_classes
+from gtpo_jax.rounding import round_up
 from gtpo_jax.trainers.gtpo import rollout_backend
 from gtpo_jax.trainers.gtpo_objective import build_gtpo_batch, group_advantages, gtpo_loss_fn
 from gtpo_jax.trainers.session import TrainingSession
 
 
-def computed_pairs(arrays: dict, tile: int) -> tuple[float, float]:
+def computed_pairs(arrays: dict, q_tile: int, kv_tile: int) -> tuple[float, float]:
     """Shares of the attention kernel's (query tile, key tile) pairs that are computed (not
-    skipped): as the kernel classes them, one class per micro-batch, and had each row its own."""
+    skipped): as the kernel classes them, one class per micro-batch, and had each row its own.
+    Rows are padded and tiled as `block_causal_attention` does."""
     shared, per_row = [], []
     for mb in range(arrays["tokens"].shape[0]):
-        ids = TokenLayout(*(np.asarray(arrays[k][mb]) for k in ("segment", "block", "copy"))).tiles(tile)
-        shared.append(float(np.mean(np.asarray(tile_classes(ids, ids)) > 0)))
-        rows = [TokenLayout(*(a[:, r : r + 1] for a in ids)) for r in range(ids.segment.shape[1])]
-        per_row.append(float(np.mean([np.mean(np.asarray(tile_classes(r, r)) > 0) for r in rows])))
+        layout = TokenLayout(*(np.asarray(arrays[k][mb]) for k in ("segment", "block", "copy")))
+        q_ids, k_ids = (layout.pad(round_up(layout.segment.shape[1], t)).tiles(t) for t in (q_tile, kv_tile))
+        shared.append(float(np.mean(np.asarray(tile_classes(q_ids, k_ids)) > 0)))
+        one_row = [[TokenLayout(*(a[:, r : r + 1] for a in ids)) for ids in (q_ids, k_ids)]
+                   for r in range(q_ids.segment.shape[1])]
+        per_row.append(float(np.mean([np.mean(np.asarray(tile_classes(q, k)) > 0) for q, k in one_row])))
     return float(np.mean(shared)), float(np.mean(per_row))
 
 
@@ -75,8 +80,8 @@ def measure(session, cfg, repeats: int, steps: int) -> list[dict]:
                          "targets": batch.arrays["target_valid"].shape[-1],
                          "packing_efficiency": batch.sample_tokens / batch.row_tokens,
                          "update_s": statistics.median(times[label]),
-                         "pairs": computed_pairs(batch.arrays, session.model_cfg.attention_tiles(
-                             batch.arrays["tokens"].shape[-1])[0]),
+                         "pairs": computed_pairs(batch.arrays, *session.model_cfg.attention_tiles(
+                             batch.arrays["tokens"].shape[-1])),
                          "response_tokens": int(sum(len(r.tokens) for r in rollouts))})
     backend.close()
     return rows
